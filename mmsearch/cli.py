@@ -1,0 +1,230 @@
+"""The ``mmsearch`` command: thin Typer commands over the library.
+
+Results go to stdout (``--json``: one JSON object per line); progress, skipped
+files and errors go to stderr. Every expected failure is one ``error:`` line
+and a non-zero exit.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Optional, TypeVar
+
+import typer
+
+from mmsearch import __version__
+from mmsearch.errors import MmsearchError
+from mmsearch.settings import DEFAULT_MODEL, Settings, resolve
+
+app = typer.Typer(
+    name="mmsearch",
+    help="Search your images and texts by meaning: text→image, image→image, image→text, text→text.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def handle_errors(fn: F) -> F:
+    """Turn library errors into one stderr line and the error's exit code."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except MmsearchError as exc:
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(exc.exit_code) from None
+        except KeyboardInterrupt:
+            typer.echo("interrupted; what was finished is kept", err=True)
+            raise typer.Exit(130) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def show_path(path: str) -> str:
+    """A path printable on any terminal (undecodable bytes shown as escapes)."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
+def warn(message: str) -> None:
+    from tqdm import tqdm
+
+    tqdm.write(message, file=sys.stderr)
+
+
+def echo_json(obj: Any) -> None:
+    typer.echo(json.dumps(obj, ensure_ascii=False))
+
+
+def settings_of(ctx: typer.Context) -> Settings:
+    return ctx.obj
+
+
+def version_callback(value: bool) -> None:
+    if value:
+        typer.echo(f"mmsearch {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+@handle_errors
+def main_options(
+    ctx: typer.Context,
+    home: Optional[Path] = typer.Option(
+        None, "--home", metavar="DIR",
+        help="Where the catalog and indexes live. Env: MMSEARCH_HOME. Default: a per-user data folder.",
+    ),
+    model: Optional[str] = typer.Option(
+        None, "--model", metavar="SPEC",
+        help=(
+            "Model: NAME:TAG, hf-hub:ORG/REPO, a model folder (local-dir:DIR or DIR) or NAME:/path/to/weights. "
+            f"Env: MMSEARCH_MODEL. Default: the home's model, else {DEFAULT_MODEL}."
+        ),
+    ),
+    device: Optional[str] = typer.Option(
+        None, "--device", metavar="DEV", help="torch device: auto, cpu, cuda, cuda:1, mps. Env: MMSEARCH_DEVICE."
+    ),
+    batch_size: Optional[int] = typer.Option(
+        None, "--batch-size", metavar="N", help="Images per encoder batch. Env: MMSEARCH_BATCH_SIZE. Default: 32."
+    ),
+    workers: Optional[int] = typer.Option(
+        None, "--workers", metavar="N", help="Image decode threads. Env: MMSEARCH_WORKERS. Default: min(4, cores)."
+    ),
+    version: bool = typer.Option(
+        False, "--version", callback=version_callback, is_eager=True, help="Print the version and exit."
+    ),
+) -> None:
+    """Search your images and texts by meaning."""
+    ctx.obj = resolve(home=home, model=model, device=device, batch_size=batch_size, workers=workers)
+
+
+@app.command()
+@handle_errors
+def index(
+    ctx: typer.Context,
+    paths: list[Path] = typer.Argument(..., metavar="PATH...", help="Folders (searched recursively) or image files."),
+    as_json: bool = typer.Option(False, "--json", help="Print the counts as one JSON object on the last line."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+    strict: bool = typer.Option(False, "--strict", help="Exit non-zero (3) if any file was skipped."),
+) -> None:
+    """Embed every image under PATH...; unchanged files are not read again."""
+    from mmsearch.home import Home
+    from mmsearch.indexer import index_paths
+
+    with Home.open(settings_of(ctx)) as home:
+        report = index_paths(
+            home, paths, progress=not quiet,
+            on_skip=lambda path, reason: warn(f"skipped {show_path(path)}: {reason}"),
+        )
+    if as_json:
+        echo_json(report.as_dict())
+    else:
+        typer.echo(
+            f"added {report.added}, updated {report.updated}, unchanged {report.unchanged}, "
+            f"removed {report.removed}, skipped {report.skipped} ({report.seconds:.1f} s)"
+        )
+    if strict and report.skipped:
+        raise typer.Exit(3)
+
+
+@app.command("add-texts")
+@handle_errors
+def add_texts(
+    ctx: typer.Context,
+    file: Path = typer.Argument(..., metavar="FILE", help=".txt (a text per line), .jsonl (text, id, ...) or .csv (text, id columns)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the counts as one JSON object."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+) -> None:
+    """Add a text corpus; texts with a known id are replaced, unchanged ones kept."""
+    from mmsearch.home import Home
+    from mmsearch.texts import add_texts as add
+
+    with Home.open(settings_of(ctx)) as home:
+        report = add(home, file, progress=not quiet, on_warning=warn)
+    if as_json:
+        echo_json(report.as_dict())
+    else:
+        typer.echo(
+            f"added {report.added}, updated {report.updated}, unchanged {report.unchanged}, "
+            f"skipped {report.skipped} empty, {report.duplicates} duplicate ids ({report.seconds:.1f} s)"
+        )
+
+
+@app.command()
+@handle_errors
+def search(
+    ctx: typer.Context,
+    query: Optional[str] = typer.Argument(
+        None, metavar="[QUERY]", help='Text; terms may be summed: "cat + 2:snow - dog" (image paths allowed as terms).'
+    ),
+    image: Optional[Path] = typer.Option(None, "--image", "-i", metavar="FILE", help="Search by this example image."),
+    texts: bool = typer.Option(False, "--texts", "-t", help="Return texts instead of images."),
+    top_k: int = typer.Option(10, "--top-k", "-k", metavar="N", help="How many results."),
+    as_json: bool = typer.Option(False, "--json", help="One JSON object per result line, best first."),
+) -> None:
+    """Find images (or with --texts, texts) by a text query and/or an example image."""
+    from mmsearch.home import Home
+    from mmsearch.search import search as run_search
+
+    with Home.open(settings_of(ctx), create=False) as home:
+        hits = run_search(home, query, image=image, target="text" if texts else "image", k=top_k)
+    if as_json:
+        for hit in hits:
+            echo_json(hit.as_dict())
+        return
+    if not hits:
+        typer.echo("no results", err=True)
+        return
+    for hit in hits:
+        shown = show_path(hit.path) if hit.path is not None else (hit.text or "")
+        label = "" if hit.kind == "image" else f"[{hit.id}] "
+        typer.echo(f"{hit.rank:>3}  {hit.score:6.3f}  {label}{shown}")
+
+
+@app.command()
+@handle_errors
+def status(
+    ctx: typer.Context,
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+) -> None:
+    """What this home holds: model, counts, sizes."""
+    from mmsearch.home import status as home_status
+
+    info = home_status(settings_of(ctx))
+    if as_json:
+        echo_json(info)
+        return
+    if not info["exists"]:
+        typer.echo(f"home: {info['home']} (empty: nothing indexed yet)")
+        return
+    typer.echo(f"home:    {info['home']}")
+    typer.echo(f"model:   {info['model'] or '(none yet)'}" + (f"  ({info['dim']}-d)" if info["dim"] else ""))
+    typer.echo(f"images:  {info['images']}")
+    typer.echo(f"texts:   {info['texts']}")
+    typer.echo(f"on disk: {_size(int(info['disk_bytes']))}")
+
+
+def _size(n: int) -> str:
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{n} B"
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

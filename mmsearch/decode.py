@@ -1,0 +1,156 @@
+"""Decode stage: read image files into upright RGB pictures and model-ready tensors.
+
+Reading hashes the bytes once (the content hash lets renamed or copied files
+reuse their vectors). JPEGs are decoded at reduced scale when the model needs
+far fewer pixels than the file holds. Decoding runs in worker threads (Pillow
+releases the GIL while it decodes and resizes); results come back in order.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import warnings
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, BinaryIO
+
+from PIL import Image, ImageOps
+
+from mmsearch.discover import FileEntry
+
+_heif_checked = False
+
+
+def enable_heif() -> bool:
+    """Register the HEIC/HEIF opener when the optional ``pillow-heif`` is installed."""
+    global _heif_checked
+    if not _heif_checked:
+        _heif_checked = True
+        try:
+            from pillow_heif import register_heif_opener
+        except ImportError:
+            return False
+        register_heif_opener()
+    return True
+
+
+def content_hash(data: bytes) -> str:
+    return hashlib.blake2b(data, digest_size=16).hexdigest()
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """An RGB picture; transparency is laid over white, 16-bit depth scaled down."""
+    if img.mode == "RGB":
+        return img
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        # Pillow's own conversion clips 16-bit values at 255 (a white picture).
+        import numpy as np
+
+        arr = np.asarray(img, dtype=np.float64)
+        peak = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
+        img = Image.fromarray(np.clip(arr * (255.0 / peak), 0, 255).astype("uint8"), "L")
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        img = img.convert("RGBA")
+        background = Image.new("RGBA", img.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, img).convert("RGB")
+    return img.convert("RGB")
+
+
+def load_image(source: str | bytes | BinaryIO, min_side: int | None = None) -> Image.Image:
+    """Open, orient (EXIF) and convert an image to RGB.
+
+    With ``min_side``, a JPEG is decoded at the smallest power-of-two scale
+    that keeps both sides at least that long (``Image.draft``), many times
+    faster than a full decode for a model that sees 224 pixels.
+    """
+    if isinstance(source, bytes):
+        source = io.BytesIO(source)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # EXIF and palette warnings; errors still raise
+        img = Image.open(source)
+        if min_side and img.format == "JPEG":
+            img.draft("RGB", (min_side, min_side))
+        img.seek(0)  # the first frame of an animation
+        img.load()
+        img = ImageOps.exif_transpose(img) or img
+        return to_rgb(img)
+
+
+@dataclass(slots=True)
+class Decoded:
+    """A file read and, unless its vector can be reused, decoded to a tensor."""
+
+    entry: FileEntry
+    content_hash: str
+    width: int = 0
+    height: int = 0
+    pixels: Any = None  # torch.Tensor (3, H, W) when the file needs encoding
+
+
+@dataclass(slots=True)
+class Skipped:
+    path: str
+    reason: str
+
+
+def decode_file(
+    entry: FileEntry,
+    preprocess: Callable[[Image.Image], Any],
+    min_side: int,
+    reusable: Callable[[str], bool] = lambda _h: False,
+) -> Decoded | Skipped:
+    """Read, hash and decode one file; never raises for a bad file."""
+    try:
+        with open(entry.path, "rb") as fh:
+            st = os.fstat(fh.fileno())
+            data = fh.read()
+    except OSError as exc:
+        return Skipped(entry.path, exc.strerror or str(exc))
+    if not data:
+        return Skipped(entry.path, "empty file")
+    # size and mtime as read, in case the file changed since discovery
+    entry = FileEntry(entry.path, st.st_size, st.st_mtime_ns)
+    digest = content_hash(data)
+    if reusable(digest):
+        return Decoded(entry, digest)
+    try:
+        img = load_image(data, min_side)
+        pixels = preprocess(img)
+    except Image.DecompressionBombError:
+        return Skipped(entry.path, "image too large (decompression bomb guard)")
+    except Image.UnidentifiedImageError:
+        return Skipped(entry.path, "not an image format this tool can read")
+    except Exception as exc:  # Pillow raises many types for bad data
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        return Skipped(entry.path, f"cannot decode: {reason[:160]}")
+    return Decoded(entry, digest, img.width, img.height, pixels)
+
+
+def decode_many(
+    entries: Iterable[FileEntry],
+    decode: Callable[[FileEntry], Decoded | Skipped],
+    workers: int,
+    window: int = 64,
+) -> Iterator[Decoded | Skipped]:
+    """Apply ``decode`` to ``entries`` in ``workers`` threads, yielding in input order.
+
+    At most ``window`` results are held at once, so memory stays bounded.
+    """
+    if workers <= 0:
+        for entry in entries:
+            yield decode(entry)
+        return
+    pending: deque[Future[Decoded | Skipped]] = deque()
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="mmsearch-decode") as pool:
+        for entry in entries:
+            pending.append(pool.submit(decode, entry))
+            if len(pending) >= window:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()

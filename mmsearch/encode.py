@@ -1,0 +1,269 @@
+"""Encode stage: load an open_clip dual encoder from a spec and embed images and texts.
+
+Every embedding leaves this module as an L2-normalised float32 numpy array.
+torch and open_clip are imported here and nowhere on the CLI's start-up path.
+"""
+
+from __future__ import annotations
+
+import logging
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Sequence
+
+import numpy as np
+
+from mmsearch.errors import (
+    ModelSpecError,
+    ModelUnavailableError,
+    UnsafeCheckpointError,
+)
+from mmsearch.modelspec import ModelSpec, parse
+
+if TYPE_CHECKING:
+    import torch
+    from PIL import Image
+
+log = logging.getLogger(__name__)
+
+CONFIG_DIR = Path(__file__).parent / "model_configs"
+_configs_registered = False
+
+
+def register_model_configs() -> None:
+    """Make the architectures that ship with mmsearch known to open_clip."""
+    global _configs_registered
+    if not _configs_registered:
+        import open_clip
+
+        open_clip.add_model_config(CONFIG_DIR)
+        _configs_registered = True
+
+
+def resolve_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def check_weights_file(path: Path) -> None:
+    """Refuse a weights file that cannot be read without running pickled code.
+
+    safetensors files hold no code; anything else must load with
+    ``torch.load(weights_only=True)``, which refuses arbitrary objects.
+    """
+    if not path.is_file():
+        raise ModelUnavailableError(f"checkpoint not found: {path}")
+    if path.suffix == ".safetensors":
+        return
+    if path.suffix == ".npz":
+        raise UnsafeCheckpointError(f"{path}: numpy checkpoints are not supported; convert to .safetensors")
+    import torch
+
+    try:
+        torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, TypeError, AttributeError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UnsafeCheckpointError(
+            f"{path}: refused to load: not a plain weights file ({first[:160]}); "
+            "use a .safetensors file or a torch state dict"
+        ) from None
+
+
+def _offline_hint(spec: ModelSpec) -> str:
+    return (
+        f"could not get the weights for {spec} (no network and not in the cache?). "
+        "Run once with network access to cache them, or pass local weights: "
+        "--model NAME:/path/to/weights.safetensors or --model /path/to/model-dir"
+    )
+
+
+def _create(spec: ModelSpec, device: str) -> tuple[Any, Callable, Any]:
+    import open_clip
+
+    register_model_configs()
+    kwargs: dict[str, Any] = {"device": device, "weights_only": True}
+    if spec.kind == "pretrained":
+        if spec.name not in open_clip.list_models():
+            raise ModelSpecError(
+                f"unknown model architecture {spec.name!r}; see open_clip.list_models() "
+                "or use the default ViT-B-32:laion2b_s34b_b79k"
+            )
+        tags = open_clip.list_pretrained_tags_by_model(spec.name)
+        if spec.tag not in tags:
+            known = ", ".join(tags) if tags else "none"
+            raise ModelSpecError(f"unknown pretrained tag {spec.tag!r} for {spec.name} (known: {known})")
+        args: tuple[str, ...] = (spec.name,)
+        kwargs["pretrained"] = spec.tag
+    elif spec.kind == "hf-hub":
+        args = (f"hf-hub:{spec.name}",)
+    elif spec.kind == "local-dir":
+        assert spec.path is not None
+        config = spec.path / "open_clip_config.json"
+        if not config.is_file():
+            raise ModelSpecError(f"{spec.path} is not a model directory: no open_clip_config.json in it")
+        weights = _local_dir_weights(spec.path)
+        if weights is None:
+            raise ModelUnavailableError(f"{spec.path} holds no weights (open_clip_model.safetensors)")
+        check_weights_file(weights)
+        args = (f"local-dir:{spec.path}",)
+    else:
+        assert spec.path is not None
+        if spec.name not in open_clip.list_models():
+            raise ModelSpecError(f"unknown model architecture {spec.name!r} in {spec}")
+        check_weights_file(spec.path)
+        args = (spec.name,)
+        kwargs["pretrained"] = str(spec.path)
+
+    try:
+        model, _, preprocess = open_clip.create_model_and_transforms(*args, **kwargs)
+    except (ModelSpecError, ModelUnavailableError):
+        raise
+    except Exception as exc:  # open_clip and the hub raise many kinds
+        if spec.kind in ("pretrained", "hf-hub") and _is_fetch_failure(exc):
+            raise ModelUnavailableError(_offline_hint(spec)) from None
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelUnavailableError(f"could not load model {spec}: {first[:200]}") from None
+    tokenizer = open_clip.get_tokenizer(*args[:1])
+    return model, preprocess, tokenizer
+
+
+def _local_dir_weights(path: Path) -> Path | None:
+    for name in (
+        "open_clip_model.safetensors",
+        "open_clip_pytorch_model.safetensors",
+        "model.safetensors",
+        "open_clip_pytorch_model.bin",
+        "pytorch_model.bin",
+        "model.pth",
+    ):
+        if (path / name).is_file():
+            return path / name
+    found = sorted(path.glob("*.safetensors")) + sorted(path.glob("*.bin")) + sorted(path.glob("*.pth"))
+    return found[0] if found else None
+
+
+def _is_fetch_failure(exc: BaseException) -> bool:
+    text = f"{type(exc).__name__} {exc}".lower()
+    markers = (
+        "offline", "connection", "resolve", "network", "timed out", "timeout",
+        "localentrynotfound", "cannot find the requested files", "failed to download",
+        "max retries", "name or service", "hub",
+    )
+    seen: set[int] = set()
+    cur: BaseException | None = exc
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        text += f" {type(cur).__name__} {cur}".lower()
+        cur = cur.__cause__ or cur.__context__
+    return any(m in text for m in markers)
+
+
+@dataclass
+class Encoder:
+    """A loaded dual encoder: images and texts in, normalised vectors out."""
+
+    spec: ModelSpec
+    model: Any
+    preprocess: Callable[["Image.Image"], "torch.Tensor"]
+    tokenizer: Any
+    device: str
+    dim: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.dim:
+            self.dim = int(self.embed_texts(["a"]).shape[1])
+
+    @property
+    def image_size(self) -> int:
+        size = getattr(self.model.visual, "image_size", 224)
+        return int(max(size) if isinstance(size, (tuple, list)) else size)
+
+    @property
+    def context_length(self) -> int:
+        return int(getattr(self.tokenizer, "context_length", 77))
+
+    def embed_images(self, pixels: "torch.Tensor") -> np.ndarray:
+        """Embed a batch of preprocessed images, shape (N, 3, H, W)."""
+        import torch
+
+        with torch.inference_mode():
+            features = self.model.encode_image(pixels.to(self.device), normalize=True)
+        return features.float().cpu().numpy().astype(np.float32, copy=False)
+
+    def tokenize(self, texts: Sequence[str]) -> "torch.Tensor":
+        return self.tokenizer(list(texts))
+
+    def embed_texts(self, texts: Sequence[str], *, truncate: bool = True) -> np.ndarray:
+        """Embed texts; with ``truncate`` the batch runs at its real token length.
+
+        A causal text tower pooled at the end-of-text token gives the same
+        vector for any length that holds every real token, so cutting the
+        77-token padding only saves work.
+        """
+        import torch
+
+        if not texts:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        tokens = self.tokenize(texts).to(self.device)
+        with torch.inference_mode():
+            if truncate and _supports_truncation(self.model):
+                features = _encode_text_truncated(self.model, tokens)
+            else:
+                features = self.model.encode_text(tokens)
+            features = torch.nn.functional.normalize(features.float(), dim=-1)
+        return features.cpu().numpy().astype(np.float32, copy=False)
+
+
+def _text_tower(model: Any) -> Any:
+    """The module holding token_embedding/positional_embedding/transformer."""
+    return model if hasattr(model, "token_embedding") else getattr(model, "text", None)
+
+
+def _supports_truncation(model: Any) -> bool:
+    tower = _text_tower(model)
+    if tower is None or not hasattr(tower, "token_embedding"):
+        return False
+    pool = getattr(tower, "text_pool_type", getattr(tower, "pool_type", None))
+    return (
+        pool == "argmax"
+        and getattr(tower, "attn_mask", None) is not None
+        and getattr(tower, "cls_emb", None) is None
+    )
+
+
+def real_length(tokens: "torch.Tensor") -> int:
+    """Token count up to and including the last end-of-text token in the batch."""
+    return int(tokens.argmax(dim=-1).max().item()) + 1
+
+
+def _encode_text_truncated(model: Any, tokens: "torch.Tensor") -> "torch.Tensor":
+    import torch
+    from open_clip.transformer import text_global_pool
+
+    tower = _text_tower(model)
+    length = real_length(tokens)
+    tokens = tokens[:, :length]
+    cast_dtype = tower.transformer.get_cast_dtype()
+    x = tower.token_embedding(tokens).to(cast_dtype)
+    x = x + tower.positional_embedding[:length].to(cast_dtype)
+    x = tower.transformer(x, attn_mask=tower.attn_mask[:length, :length])
+    x = tower.ln_final(x)
+    x = text_global_pool(x, tokens, "argmax")
+    projection = tower.text_projection
+    if projection is not None:
+        x = projection(x) if isinstance(projection, torch.nn.Linear) else x @ projection
+    return x
+
+
+def load_encoder(spec: ModelSpec | str, device: str = "auto") -> Encoder:
+    """Build the encoder a spec names; every failure is a one-line MmsearchError."""
+    if isinstance(spec, str):
+        spec = parse(spec)
+    device = resolve_device(device)
+    model, preprocess, tokenizer = _create(spec, device)
+    model.eval()
+    return Encoder(spec=spec, model=model, preprocess=preprocess, tokenizer=tokenizer, device=device)

@@ -1,0 +1,171 @@
+"""Index stage: FAISS indexes of image and text vectors, a rebuildable cache.
+
+Each index file travels with a JSON sidecar that says what it holds (kind,
+dimension, model, index type, count, and the catalog generation it reflects).
+FAISS ids are catalog primary keys. When the sidecar does not match the
+catalog, the index is rebuilt from the vectors the catalog keeps.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mmsearch.errors import IndexCorruptError
+from mmsearch.store import Catalog, Kind
+
+#: Index types this module can build. ``flat`` is exact inner product.
+INDEX_TYPES = ("flat",)
+
+
+def choose_index_type(count: int) -> str:
+    """The index type for a collection of ``count`` vectors."""
+    return "flat"
+
+
+def _faiss() -> Any:
+    import faiss
+
+    # Batched flat search switches to BLAS above this many queries; BLAS is
+    # far faster for batches, and the default threshold (20) is too high.
+    faiss.cvar.distance_compute_blas_threshold = 1
+    return faiss
+
+
+def new_faiss_index(dim: int, index_type: str) -> Any:
+    faiss = _faiss()
+    if index_type == "flat":
+        return faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
+    raise ValueError(f"unknown index type {index_type!r}")
+
+
+@dataclass
+class VectorIndex:
+    """A FAISS index of one kind of vector, with what its sidecar says."""
+
+    kind: Kind
+    dim: int
+    model: str
+    index_type: str
+    faiss_index: Any
+    generation: int = 0
+
+    @property
+    def count(self) -> int:
+        return int(self.faiss_index.ntotal)
+
+    @classmethod
+    def empty(cls, kind: Kind, dim: int, model: str, index_type: str = "flat") -> "VectorIndex":
+        return cls(kind, dim, model, index_type, new_faiss_index(dim, index_type))
+
+    def add(self, ids: np.ndarray, vectors: np.ndarray) -> None:
+        if len(ids):
+            self.faiss_index.add_with_ids(
+                np.ascontiguousarray(vectors, dtype=np.float32), np.ascontiguousarray(ids, dtype=np.int64)
+            )
+
+    def remove(self, ids: np.ndarray) -> int:
+        if not len(ids):
+            return 0
+        return int(self.faiss_index.remove_ids(np.ascontiguousarray(ids, dtype=np.int64)))
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """``(scores, ids)``, each (n_queries, k); missing slots have id -1."""
+        k = max(1, min(k, self.count)) if self.count else 1
+        queries = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)
+        return self.faiss_index.search(queries, k)
+
+    def ids(self) -> np.ndarray:
+        import faiss
+
+        return faiss.vector_to_array(self.faiss_index.id_map).astype(np.int64)
+
+    # -- files --------------------------------------------------------------
+
+    def sidecar(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "dim": self.dim,
+            "model": self.model,
+            "index_type": self.index_type,
+            "count": self.count,
+            "generation": self.generation,
+        }
+
+    def save(self, path: Path) -> None:
+        """Write index and sidecar atomically (temp file, fsync, rename)."""
+        faiss = _faiss()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _atomic_write(path, lambda tmp: faiss.write_index(self.faiss_index, tmp))
+        payload = json.dumps(self.sidecar(), indent=2).encode()
+        _atomic_write(sidecar_path(path), lambda tmp: Path(tmp).write_bytes(payload))
+
+    @classmethod
+    def load(cls, path: Path) -> "VectorIndex":
+        faiss = _faiss()
+        try:
+            meta = json.loads(sidecar_path(path).read_text())
+            index = faiss.read_index(str(path))
+        except (OSError, ValueError, RuntimeError) as exc:
+            raise IndexCorruptError(f"cannot read {path}: {str(exc).splitlines()[0] if str(exc) else exc}") from None
+        vi = cls(meta["kind"], int(meta["dim"]), meta["model"], meta["index_type"], index, int(meta["generation"]))
+        if vi.count != int(meta["count"]) or index.d != vi.dim:
+            raise IndexCorruptError(f"{path} holds {vi.count} vectors of dim {index.d}, its sidecar says otherwise")
+        return vi
+
+
+def sidecar_path(path: Path) -> Path:
+    return path.with_name(path.name + ".json")
+
+
+def _atomic_write(path: Path, write: Any) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def build_from_catalog(catalog: Catalog, kind: Kind, dim: int, model: str) -> VectorIndex:
+    """A fresh index holding exactly the catalog's vectors of ``kind``."""
+    index = VectorIndex.empty(kind, dim, model, choose_index_type(catalog.count(kind)))
+    index.generation = catalog.generation(kind)
+    for ids, vectors in catalog.iter_vectors(kind, dim):
+        index.add(ids, vectors)
+    return index
+
+
+def open_index(catalog: Catalog, path: Path, kind: Kind, dim: int, model: str) -> VectorIndex:
+    """The index at ``path`` if it reflects the catalog now, else one rebuilt (and saved)."""
+    generation = catalog.generation(kind)
+    if path.exists() and sidecar_path(path).exists():
+        try:
+            index = VectorIndex.load(path)
+        except IndexCorruptError:
+            index = None
+        if (
+            index is not None
+            and index.generation == generation
+            and index.dim == dim
+            and index.model == model
+        ):
+            return index
+    index = build_from_catalog(catalog, kind, dim, model)
+    index.save(path)
+    return index

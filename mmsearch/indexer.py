@@ -1,0 +1,244 @@
+"""The indexing pipeline: discover → decode → encode → store → index, wired in one place.
+
+Incremental: a file whose (path, size, mtime) the catalog already holds is
+not read again; a new file whose content hash the catalog knows (a rename or
+a copy) reuses the stored vector; catalogued files that vanished from the
+indexed folders are removed. The catalog is written batch by batch, so an
+interrupted run keeps what it finished; the FAISS index is saved at the end
+and rebuilt from the catalog if a run died before that.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mmsearch.decode import Decoded, Skipped, decode_file, decode_many, enable_heif
+from mmsearch.discover import FileEntry, check_roots, walk
+from mmsearch.home import Home
+from mmsearch.store import ImageState, _is_under, to_blob
+
+SkipHandler = Callable[[str, str], None]
+
+
+@dataclass
+class IndexReport:
+    added: int = 0
+    updated: int = 0
+    unchanged: int = 0
+    removed: int = 0
+    skipped: int = 0
+    reused: int = 0
+    seconds: float = 0.0
+    skipped_files: list[tuple[str, str]] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out.pop("skipped_files")
+        out["seconds"] = round(self.seconds, 3)
+        return out
+
+
+@dataclass(slots=True)
+class _Ready:
+    """A file with its vector, waiting to be written."""
+
+    entry: FileEntry
+    content_hash: str
+    width: int
+    height: int
+    vector: np.ndarray | None  # None: reuse the catalog's vector for the hash
+
+
+class _Writer:
+    """Writes finished files to the catalog and the in-memory FAISS index in batches."""
+
+    def __init__(self, home: Home, states: dict[str, ImageState], report: IndexReport, batch: int):
+        self.home = home
+        self.states = states
+        self.report = report
+        self.batch = batch
+        self.pending: list[_Ready] = []
+        self.index = None
+        #: vectors encoded in this run, by content hash, for copies met later in the run
+        self.encoded: dict[str, tuple[np.ndarray, int, int]] = {}
+
+    def put(self, item: _Ready) -> None:
+        self.pending.append(item)
+        if len(self.pending) >= self.batch:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        items, self.pending = self.pending, []
+        catalog = self.home.catalog
+        index = self.get_index()  # before writing: a rebuild must not see this batch
+        missing = [it.content_hash for it in items if it.vector is None and it.content_hash not in self.encoded]
+        stored = {
+            h: (np.frombuffer(blob, dtype="<f4"), w, hgt)
+            for h, (blob, w, hgt) in (catalog.vectors_by_hash(missing) if missing else {}).items()
+        }
+        new_rows, changed_rows, vectors_new, vectors_changed, changed_ids = [], [], [], [], []
+        for it in items:
+            if it.vector is None:
+                twin = self.encoded.get(it.content_hash) or stored.get(it.content_hash)
+                if twin is None:  # its twin vanished meanwhile; very rare, read again next run
+                    continue
+                vector, width, height = twin
+                self.report.reused += 1
+            else:
+                vector, width, height = it.vector, it.width, it.height
+                self.encoded[it.content_hash] = (vector, width, height)
+            row = {
+                "path": it.entry.path,
+                "size": it.entry.size,
+                "mtime_ns": it.entry.mtime_ns,
+                "content_hash": it.content_hash,
+                "width": width,
+                "height": height,
+                "vector": to_blob(vector),
+            }
+            state = self.states.get(it.entry.path)
+            if state is None:
+                new_rows.append(row)
+                vectors_new.append(vector)
+            else:
+                changed_rows.append({"id": state.id, **row})
+                changed_ids.append(state.id)
+                vectors_changed.append(vector)
+        new_ids = catalog.write_images(new_rows, changed_rows)
+        self.report.added += len(new_ids)
+        self.report.updated += len(changed_rows)
+        if changed_ids:
+            index.remove(np.array(changed_ids, dtype=np.int64))
+            index.add(np.array(changed_ids, dtype=np.int64), np.stack(vectors_changed))
+        if new_ids:
+            index.add(np.array(new_ids, dtype=np.int64), np.stack(vectors_new))
+        for row, new_id in zip(new_rows, new_ids):
+            self.states[row["path"]] = ImageState(new_id, row["size"], row["mtime_ns"], row["content_hash"])
+
+    def get_index(self):
+        if self.index is None:
+            self.index = self.home.index("image")
+        return self.index
+
+
+def plan(
+    entries: Sequence[FileEntry], states: dict[str, ImageState], roots: Sequence[str], unlisted: Sequence[str]
+) -> tuple[list[FileEntry], int, list[int]]:
+    """Split discovered files into (to read, unchanged count, catalogued ids that vanished).
+
+    Files under folders that could not be listed (``unlisted``) are not
+    counted as vanished: they may well still be there.
+    """
+    todo: list[FileEntry] = []
+    unchanged = 0
+    seen = set()
+    for entry in entries:
+        seen.add(entry.path)
+        state = states.get(entry.path)
+        if state is not None and state.size == entry.size and state.mtime_ns == entry.mtime_ns:
+            unchanged += 1
+        else:
+            todo.append(entry)
+    vanished = [
+        state.id
+        for path, state in states.items()
+        if path not in seen and not any(_is_under(path, u) for u in unlisted)
+    ]
+    return todo, unchanged, vanished
+
+
+def index_paths(
+    home: Home,
+    roots: Sequence[str | Path],
+    *,
+    progress: bool = True,
+    on_skip: SkipHandler | None = None,
+) -> IndexReport:
+    """Index every image under ``roots`` into ``home``; see the module docstring."""
+    started = time.perf_counter()
+    report = IndexReport()
+    root_paths = check_roots(roots)
+    enable_heif()
+
+    def skip(path: str, reason: str) -> None:
+        report.skipped += 1
+        report.skipped_files.append((path, reason))
+        if on_skip is not None:
+            on_skip(path, reason)
+
+    unlisted: list[str] = []
+
+    def walk_error(path: str, reason: str) -> None:
+        unlisted.append(path)
+        skip(path, reason)
+
+    with home.write_lock():
+        entries = list(walk(root_paths, on_error=walk_error))
+        states = home.catalog.image_states(prefixes=root_paths)
+        todo, report.unchanged, vanished = plan(entries, states, root_paths, unlisted)
+        if not todo and not vanished:
+            report.seconds = time.perf_counter() - started
+            return report
+
+        writer = _Writer(home, states, report, home.settings.batch_size)
+        if todo:
+            _encode_files(home, todo, writer, skip, progress)
+        if vanished:
+            index = writer.get_index()
+            home.catalog.write_images([], [], removed_ids=vanished)
+            index.remove(np.array(vanished, dtype=np.int64))
+            report.removed = len(vanished)
+        home.save_index(writer.get_index())
+    report.seconds = time.perf_counter() - started
+    return report
+
+
+def _encode_files(
+    home: Home, todo: list[FileEntry], writer: _Writer, skip: SkipHandler, progress: bool
+) -> None:
+    import torch
+    from tqdm import tqdm
+
+    encoder = home.encoder()
+    known = home.catalog.known_hashes()
+    settings = home.settings
+
+    def decode(entry: FileEntry) -> Decoded | Skipped:
+        return decode_file(entry, encoder.preprocess, encoder.image_size, known.__contains__)
+
+    batch: list[Decoded] = []
+
+    def encode_batch() -> None:
+        if not batch:
+            return
+        vectors = encoder.embed_images(torch.stack([d.pixels for d in batch]))
+        for item, vector in zip(batch, vectors):
+            writer.put(_Ready(item.entry, item.content_hash, item.width, item.height, vector))
+            known.add(item.content_hash)
+        batch.clear()
+
+    bar = tqdm(total=len(todo), unit="img", disable=not progress, file=sys.stderr, dynamic_ncols=True)
+    try:
+        for result in decode_many(todo, decode, settings.workers, window=max(2 * settings.batch_size, 16)):
+            bar.update(1)
+            if isinstance(result, Skipped):
+                skip(result.path, result.reason)
+            elif result.pixels is None:
+                writer.put(_Ready(result.entry, result.content_hash, 0, 0, None))
+            else:
+                batch.append(result)
+                if len(batch) >= settings.batch_size:
+                    encode_batch()
+        encode_batch()
+        writer.flush()
+    finally:
+        bar.close()

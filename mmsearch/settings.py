@@ -1,0 +1,89 @@
+"""Settings, resolved once: command-line flag, then ``MMSEARCH_*`` variable, then default.
+
+The resolved :class:`Settings` is frozen and passed down; no other module reads
+the environment for these values.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from mmsearch.errors import UsageError
+
+#: The model used when a home has none recorded and none is asked for.
+#: ViT-B-32 trained on LAION-2B: 66.6% ImageNet zero-shot, 512-d vectors,
+#: ~88M image-tower parameters; the best quality per CPU-second among the
+#: plain ViT CLIPs whose token states the re-ranker can read.
+DEFAULT_MODEL = "ViT-B-32:laion2b_s34b_b79k"
+
+
+def default_home() -> Path:
+    from platformdirs import user_data_dir
+
+    return Path(user_data_dir("mmsearch", appauthor=False))
+
+
+def _env_int(name: str, default: int) -> int:
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise UsageError(f"{name}={raw!r} is not a whole number") from None
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything a command needs to know about where and how to work."""
+
+    home: Path
+    #: The model asked for with ``--model``/``MMSEARCH_MODEL``; ``None`` means
+    #: "the one this home was built with, else :data:`DEFAULT_MODEL`".
+    model: str | None = None
+    #: ``auto`` picks CUDA when present, else the CPU.
+    device: str = "auto"
+    batch_size: int = 32
+    #: Decode workers; 0 decodes in the calling thread.
+    workers: int = 2
+
+    @property
+    def catalog_path(self) -> Path:
+        return self.home / "catalog.sqlite3"
+
+    def index_path(self, kind: str) -> Path:
+        return self.home / f"{kind}s.faiss"
+
+    @property
+    def lock_path(self) -> Path:
+        return self.home / "write.lock"
+
+
+def resolve(
+    home: Path | None = None,
+    model: str | None = None,
+    device: str | None = None,
+    batch_size: int | None = None,
+    workers: int | None = None,
+) -> Settings:
+    """Build :class:`Settings` from explicit values, the environment and defaults."""
+    home_raw = home if home is not None else os.environ.get("MMSEARCH_HOME") or None
+    resolved_home = Path(home_raw).expanduser() if home_raw else default_home()
+    model = model or os.environ.get("MMSEARCH_MODEL") or None
+    device = device or os.environ.get("MMSEARCH_DEVICE") or "auto"
+    cpus = os.cpu_count() or 1
+    batch_size = batch_size if batch_size is not None else _env_int("MMSEARCH_BATCH_SIZE", 32)
+    workers = workers if workers is not None else _env_int("MMSEARCH_WORKERS", min(4, cpus))
+    if batch_size < 1:
+        raise UsageError(f"batch size must be at least 1, got {batch_size}")
+    if workers < 0:
+        raise UsageError(f"workers must be 0 or more, got {workers}")
+    return Settings(
+        home=resolved_home.resolve(),
+        model=model,
+        device=device,
+        batch_size=batch_size,
+        workers=workers,
+    )

@@ -1,0 +1,349 @@
+"""Store stage: the SQLite catalog, the source of truth for what every vector is.
+
+Tables are typed SQLAlchemy 2 models; Alembic migrations in ``migrations/``
+are applied when the catalog opens. Vectors live here too (float32 blobs), so
+the FAISS index can always be rebuilt from the catalog alone.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+from sqlalchemy import (
+    LargeBinary,
+    MetaData,
+    String,
+    create_engine,
+    delete,
+    event,
+    func,
+    insert,
+    select,
+    update,
+)
+from sqlalchemy.engine import Engine
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+from mmsearch.errors import CatalogError
+
+Kind = Literal["image", "text"]
+KINDS: tuple[Kind, ...] = ("image", "text")
+
+NAMING_CONVENTION = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+
+
+class Meta(Base):
+    """Key/value facts about the home: model spec, vector dimension, generation."""
+
+    __tablename__ = "meta"
+
+    key: Mapped[str] = mapped_column(String, primary_key=True)
+    value: Mapped[str] = mapped_column(String)
+
+
+class ImageRow(Base):
+    """One indexed image file; ``id`` is its FAISS id."""
+
+    __tablename__ = "images"
+    # ids are never reused, so a stale FAISS entry can never point at a new file
+    __table_args__ = {"sqlite_autoincrement": True}
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    path: Mapped[str] = mapped_column(String, unique=True)
+    size: Mapped[int]
+    mtime_ns: Mapped[int]
+    content_hash: Mapped[str] = mapped_column(String, index=True)
+    width: Mapped[int]
+    height: Mapped[int]
+    vector: Mapped[bytes] = mapped_column(LargeBinary)
+    indexed_at: Mapped[float]
+
+
+class TextRow(Base):
+    """One text of a corpus; ``id`` is its FAISS id, ``key`` the user's id."""
+
+    __tablename__ = "texts"
+    __table_args__ = {"sqlite_autoincrement": True}
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    key: Mapped[str] = mapped_column(String, unique=True)
+    text: Mapped[str] = mapped_column(String)
+    source: Mapped[str] = mapped_column(String)
+    meta: Mapped[str | None] = mapped_column(String, nullable=True)
+    vector: Mapped[bytes] = mapped_column(LargeBinary)
+    indexed_at: Mapped[float]
+
+
+TABLES: dict[Kind, type[ImageRow] | type[TextRow]] = {"image": ImageRow, "text": TextRow}
+
+
+@dataclass(frozen=True, slots=True)
+class ImageState:
+    """What the catalog knows of a file, enough to tell whether it changed."""
+
+    id: int
+    size: int
+    mtime_ns: int
+    content_hash: str
+
+
+def to_blob(vector: np.ndarray) -> bytes:
+    return np.ascontiguousarray(vector, dtype="<f4").tobytes()
+
+
+def from_blobs(blobs: Sequence[bytes], dim: int) -> np.ndarray:
+    if not blobs:
+        return np.zeros((0, dim), dtype=np.float32)
+    return np.frombuffer(b"".join(blobs), dtype="<f4").reshape(len(blobs), dim).astype(np.float32)
+
+
+def _set_sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.execute("PRAGMA busy_timeout=30000")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.close()
+
+
+def make_engine(path: Path) -> Engine:
+    engine = create_engine(f"sqlite:///{path}", future=True)
+    event.listen(engine, "connect", _set_sqlite_pragmas)
+    return engine
+
+
+class Catalog:
+    """The catalog of one home. Open with :meth:`open`; close when done."""
+
+    def __init__(self, engine: Engine, path: Path):
+        self.engine = engine
+        self.path = path
+
+    @classmethod
+    def open(cls, path: Path, *, create: bool = True) -> "Catalog":
+        """Open (and migrate to head) the catalog at ``path``."""
+        from mmsearch.migrate import upgrade
+
+        if not create and not path.exists():
+            raise CatalogError(f"no catalog at {path}; run `mmsearch index` or `mmsearch add-texts` first")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            engine = make_engine(path)
+            upgrade(engine)
+        except CatalogError:
+            raise
+        except (DBAPIError, OSError) as exc:
+            raise CatalogError(f"cannot open catalog {path}: {str(exc).splitlines()[0]}") from None
+        return cls(engine, path)
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    def __enter__(self) -> "Catalog":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- meta ---------------------------------------------------------------
+
+    def get_meta(self, key: str) -> str | None:
+        with self.engine.connect() as conn:
+            return conn.execute(select(Meta.value).where(Meta.key == key)).scalar_one_or_none()
+
+    def set_meta(self, values: dict[str, str]) -> None:
+        with self.engine.begin() as conn:
+            for key, value in values.items():
+                conn.execute(delete(Meta).where(Meta.key == key))
+                conn.execute(insert(Meta).values(key=key, value=value))
+
+    def generation(self, kind: Kind) -> int:
+        """A counter bumped by every change to a kind's vectors; FAISS sidecars record it."""
+        return int(self.get_meta(f"generation.{kind}") or 0)
+
+    # -- images -------------------------------------------------------------
+
+    def image_states(self, prefixes: Iterable[str] | None = None) -> dict[str, ImageState]:
+        """Every catalogued image (under ``prefixes`` if given), in one query."""
+        stmt = select(ImageRow.path, ImageRow.id, ImageRow.size, ImageRow.mtime_ns, ImageRow.content_hash)
+        with self.engine.connect() as conn:
+            rows = conn.execute(stmt).all()
+        states = {r[0]: ImageState(r[1], r[2], r[3], r[4]) for r in rows}
+        if prefixes is None:
+            return states
+        roots = tuple(prefixes)
+        return {p: s for p, s in states.items() if any(_is_under(p, root) for root in roots)}
+
+    def vectors_by_hash(self, hashes: Iterable[str]) -> dict[str, tuple[bytes, int, int]]:
+        """``hash -> (vector, width, height)`` of one stored image for each known hash."""
+        wanted = list(set(hashes))
+        found: dict[str, tuple[bytes, int, int]] = {}
+        with self.engine.connect() as conn:
+            for start in range(0, len(wanted), 500):
+                chunk = wanted[start:start + 500]
+                stmt = select(ImageRow.content_hash, ImageRow.vector, ImageRow.width, ImageRow.height).where(
+                    ImageRow.content_hash.in_(chunk)
+                )
+                for h, vec, w, hgt in conn.execute(stmt):
+                    found.setdefault(h, (vec, w, hgt))
+        return found
+
+    def known_hashes(self) -> set[str]:
+        with self.engine.connect() as conn:
+            return set(conn.execute(select(ImageRow.content_hash)).scalars())
+
+    def write_images(
+        self,
+        new: Sequence[dict[str, Any]],
+        changed: Sequence[dict[str, Any]],
+        removed_ids: Sequence[int] = (),
+    ) -> list[int]:
+        """Insert ``new`` rows, update ``changed`` rows (by ``id``), delete ``removed_ids``.
+
+        One transaction; returns the ids given to the new rows, in order.
+        """
+        now = time.time()
+        with self.engine.begin() as conn:
+            if removed_ids:
+                _delete_ids(conn, ImageRow, removed_ids)
+            if changed:
+                conn.execute(update(ImageRow), [{**row, "indexed_at": now} for row in changed])
+            ids = []
+            if new:
+                result = conn.execute(
+                    insert(ImageRow).returning(ImageRow.id, sort_by_parameter_order=True),
+                    [{**row, "indexed_at": now} for row in new],
+                )
+                ids = [r[0] for r in result]
+            if new or changed or removed_ids:
+                _bump_generation(conn, "image")
+        return ids
+
+    def image_paths(self, ids: Sequence[int]) -> dict[int, str]:
+        return dict(self._lookup(ImageRow.id, ImageRow.path, ids))
+
+    # -- texts --------------------------------------------------------------
+
+    def text_states(self, keys: Sequence[str]) -> dict[str, tuple[int, str]]:
+        """``key -> (id, text)`` for the keys already stored."""
+        found: dict[str, tuple[int, str]] = {}
+        with self.engine.connect() as conn:
+            for start in range(0, len(keys), 500):
+                chunk = list(keys[start:start + 500])
+                stmt = select(TextRow.key, TextRow.id, TextRow.text).where(TextRow.key.in_(chunk))
+                found.update({k: (i, t) for k, i, t in conn.execute(stmt)})
+        return found
+
+    def write_texts(self, new: Sequence[dict[str, Any]], changed: Sequence[dict[str, Any]]) -> list[int]:
+        now = time.time()
+        with self.engine.begin() as conn:
+            if changed:
+                conn.execute(update(TextRow), [{**row, "indexed_at": now} for row in changed])
+            ids = []
+            if new:
+                result = conn.execute(
+                    insert(TextRow).returning(TextRow.id, sort_by_parameter_order=True),
+                    [{**row, "indexed_at": now} for row in new],
+                )
+                ids = [r[0] for r in result]
+            if new or changed:
+                _bump_generation(conn, "text")
+        return ids
+
+    def texts_by_id(self, ids: Sequence[int]) -> dict[int, dict[str, Any]]:
+        out: dict[int, dict[str, Any]] = {}
+        with self.engine.connect() as conn:
+            for start in range(0, len(ids), 500):
+                chunk = list(ids[start:start + 500])
+                stmt = select(TextRow.id, TextRow.key, TextRow.text, TextRow.meta).where(TextRow.id.in_(chunk))
+                for i, key, text, meta in conn.execute(stmt):
+                    out[i] = {"key": key, "text": text, "meta": json.loads(meta) if meta else None}
+        return out
+
+    def delete(self, kind: Kind, ids: Sequence[int]) -> None:
+        if not ids:
+            return
+        with self.engine.begin() as conn:
+            _delete_ids(conn, TABLES[kind], ids)
+            _bump_generation(conn, kind)
+
+    # -- both ---------------------------------------------------------------
+
+    def count(self, kind: Kind) -> int:
+        table = TABLES[kind]
+        with self.engine.connect() as conn:
+            return int(conn.execute(select(func.count()).select_from(table)).scalar_one())
+
+    def ids(self, kind: Kind) -> np.ndarray:
+        table = TABLES[kind]
+        with self.engine.connect() as conn:
+            return np.fromiter(conn.execute(select(table.id).order_by(table.id)).scalars(), dtype=np.int64)
+
+    def iter_vectors(self, kind: Kind, dim: int, chunk: int = 20000) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """All ``(ids, vectors)`` of a kind, in id order, ``chunk`` rows at a time."""
+        table = TABLES[kind]
+        last = -1
+        with self.engine.connect() as conn:
+            while True:
+                stmt = select(table.id, table.vector).where(table.id > last).order_by(table.id).limit(chunk)
+                rows = conn.execute(stmt).all()
+                if not rows:
+                    return
+                ids = np.array([r[0] for r in rows], dtype=np.int64)
+                yield ids, from_blobs([r[1] for r in rows], dim)
+                last = int(ids[-1])
+
+    def vectors(self, kind: Kind, ids: Sequence[int], dim: int) -> dict[int, np.ndarray]:
+        table = TABLES[kind]
+        out: dict[int, np.ndarray] = {}
+        for i, blob in self._lookup(table.id, table.vector, ids):
+            out[i] = from_blobs([blob], dim)[0]
+        return out
+
+    def _lookup(self, key_col: Any, value_col: Any, ids: Sequence[int]) -> list[tuple[Any, Any]]:
+        rows: list[tuple[Any, Any]] = []
+        with self.engine.connect() as conn:
+            for start in range(0, len(ids), 500):
+                chunk = [int(i) for i in ids[start:start + 500]]
+                rows.extend(conn.execute(select(key_col, value_col).where(key_col.in_(chunk))).tuples())
+        return rows
+
+
+def _delete_ids(conn: Any, table: Any, ids: Sequence[int]) -> None:
+    ids = [int(i) for i in ids]
+    for start in range(0, len(ids), 500):
+        conn.execute(delete(table).where(table.id.in_(ids[start:start + 500])))
+
+
+def _bump_generation(conn: Any, kind: Kind) -> None:
+    key = f"generation.{kind}"
+    current = conn.execute(select(Meta.value).where(Meta.key == key)).scalar_one_or_none()
+    value = str(int(current or 0) + 1)
+    if current is None:
+        conn.execute(insert(Meta).values(key=key, value=value))
+    else:
+        conn.execute(update(Meta).where(Meta.key == key).values(value=value))
+
+
+def _is_under(path: str, root: str) -> bool:
+    if path == root:
+        return True
+    root = root.rstrip("/\\")
+    return path.startswith(root + "/") or path.startswith(root + "\\")

@@ -1,0 +1,93 @@
+"""Shared fixtures: a tiny open_clip model saved in the local-dir layout, generated images,
+and a home in a temporary folder. Nothing here downloads anything."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+TINY_CFG = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 8, "head_width": 16},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+}
+TINY_PREPROCESS = {"mean": [0.48, 0.46, 0.41], "std": [0.27, 0.26, 0.28], "size": 32}
+
+COLOURS = {
+    "red": (220, 30, 30),
+    "green": (30, 200, 40),
+    "blue": (30, 40, 220),
+    "yellow": (240, 230, 20),
+    "black": (0, 0, 0),
+    "white": (255, 255, 255),
+}
+
+
+def save_tiny_model(folder: Path, seed: int = 0, cfg: dict | None = None) -> Path:
+    """A randomly initialised tiny CLIP in open_clip's local-dir layout."""
+    import open_clip
+    import torch
+    from safetensors.torch import save_file
+
+    cfg = cfg or TINY_CFG
+    torch.manual_seed(seed)
+    model = open_clip.CLIP(**cfg)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "open_clip_config.json").write_text(
+        json.dumps({"model_cfg": cfg, "preprocess_cfg": TINY_PREPROCESS})
+    )
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, folder / "open_clip_model.safetensors")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return save_tiny_model(tmp_path_factory.mktemp("models") / "tiny")
+
+
+@pytest.fixture(scope="session")
+def other_tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    cfg = json.loads(json.dumps(TINY_CFG))
+    cfg["embed_dim"] = 24
+    return save_tiny_model(tmp_path_factory.mktemp("models") / "other", seed=1, cfg=cfg)
+
+
+@pytest.fixture(autouse=True)
+def isolated_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """No test reads the user's home, model choice or network."""
+    for var in ("MMSEARCH_HOME", "MMSEARCH_MODEL", "MMSEARCH_DEVICE", "MMSEARCH_BATCH_SIZE", "MMSEARCH_WORKERS"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-cache"))
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "xdg-data"))
+
+
+def make_image(path: Path, colour: tuple[int, int, int] | str = "red", size: tuple[int, int] = (64, 48)) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img = Image.new("RGB", size, colour)
+    # a little structure so not every picture of a colour is identical
+    for x in range(0, size[0], 7):
+        img.putpixel((x, (x * 3) % size[1]), (x % 256, 100, 200))
+    img.save(path)
+    return path
+
+
+@pytest.fixture
+def photo_dir(tmp_path: Path) -> Path:
+    """Six small pictures, some in nested folders and with awkward names."""
+    root = tmp_path / "photos"
+    make_image(root / "red.jpg", COLOURS["red"])
+    make_image(root / "green.png", COLOURS["green"])
+    make_image(root / "nested" / "deeper" / "blue.webp", COLOURS["blue"])
+    make_image(root / "with space" / "yellow car.jpg", COLOURS["yellow"])
+    make_image(root / "ünïcødé" / "schwarz-黒.png", COLOURS["black"])
+    make_image(root / "white.bmp", COLOURS["white"])
+    return root
+
+
+@pytest.fixture
+def home(tmp_path: Path) -> Path:
+    return tmp_path / "home"
