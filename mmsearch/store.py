@@ -19,6 +19,7 @@ from sqlalchemy import (
     LargeBinary,
     MetaData,
     String,
+    bindparam,
     create_engine,
     delete,
     event,
@@ -224,7 +225,7 @@ class Catalog:
             if removed_ids:
                 _delete_ids(conn, ImageRow, removed_ids)
             if changed:
-                conn.execute(update(ImageRow), [{**row, "indexed_at": now} for row in changed])
+                _update_by_id(conn, ImageRow, [{**row, "indexed_at": now} for row in changed])
             ids = []
             if new:
                 result = conn.execute(
@@ -255,7 +256,7 @@ class Catalog:
         now = time.time()
         with self.engine.begin() as conn:
             if changed:
-                conn.execute(update(TextRow), [{**row, "indexed_at": now} for row in changed])
+                _update_by_id(conn, TextRow, [{**row, "indexed_at": now} for row in changed])
             ids = []
             if new:
                 result = conn.execute(
@@ -324,6 +325,17 @@ class Catalog:
                 chunk = [int(i) for i in ids[start:start + 500]]
                 rows.extend(conn.execute(select(key_col, value_col).where(key_col.in_(chunk))).tuples())
         return rows
+
+
+def _update_by_id(conn: Any, table: Any, rows: Sequence[dict[str, Any]]) -> None:
+    """Update each row by its ``id``, as one executemany."""
+    columns = [c for c in rows[0] if c != "id"]
+    stmt = (
+        update(table)
+        .where(table.id == bindparam("row_id"))
+        .values({c: bindparam(c) for c in columns})
+    )
+    conn.execute(stmt, [{"row_id": row["id"], **{c: row[c] for c in columns}} for row in rows])
 
 
 def _delete_ids(conn: Any, table: Any, ids: Sequence[int]) -> None:

@@ -4,10 +4,15 @@ and a home in a temporary folder. Nothing here downloads anything."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
 from PIL import Image
+
+# huggingface_hub reads this once, at import: set it before anything imports it,
+# so no test ever waits on the network.
+os.environ["HF_HUB_OFFLINE"] = "1"
 
 TINY_CFG = {
     "embed_dim": 32,

@@ -1,0 +1,70 @@
+import numpy as np
+import pytest
+import torch
+
+from mmsearch.encode import load_encoder, real_length
+from mmsearch.errors import ModelSpecError, ModelUnavailableError
+
+
+@pytest.fixture(scope="module")
+def encoder(tiny_model):
+    return load_encoder(str(tiny_model), "cpu")
+
+
+def test_loads_local_dir_and_knows_its_shape(encoder, tiny_model):
+    assert encoder.dim == 32
+    assert encoder.image_size == 32
+    assert encoder.spec.canonical == f"local-dir:{tiny_model.resolve()}"
+
+
+def test_embeddings_are_normalised_float32(encoder):
+    texts = encoder.embed_texts(["a red square", "a dog on a beach at sunset"])
+    images = encoder.embed_images(torch.rand(3, 3, 32, 32))
+    for arr, n in ((texts, 2), (images, 3)):
+        assert arr.dtype == np.float32 and arr.shape == (n, 32)
+        np.testing.assert_allclose(np.linalg.norm(arr, axis=1), 1.0, rtol=1e-5)
+
+
+def test_truncated_text_equals_77_token_padded(encoder):
+    texts = ["cat", "a photograph of a dog running on a sandy beach", "sunset over the sea"]
+    tokens = encoder.tokenize(texts)
+    assert tokens.shape[1] == 77 and real_length(tokens) < 20  # the batch really is cut
+    truncated = encoder.embed_texts(texts, truncate=True)
+    padded = encoder.embed_texts(texts, truncate=False)
+    np.testing.assert_allclose(truncated, padded, atol=1e-5)
+
+
+def test_checkpoint_spec_loads_the_same_weights(tiny_model, encoder, tmp_path):
+    import json
+
+    import open_clip
+
+    # NAME:/path/to/checkpoint needs an architecture open_clip knows by name
+    config = tmp_path / "mmsearch-test-tiny.json"
+    config.write_text(json.dumps(json.loads((tiny_model / "open_clip_config.json").read_text())["model_cfg"]))
+    open_clip.add_model_config(config)
+    other = load_encoder(f"mmsearch-test-tiny:{tiny_model / 'open_clip_model.safetensors'}", "cpu")
+    np.testing.assert_allclose(other.embed_texts(["hello"]), encoder.embed_texts(["hello"]), atol=1e-6)
+
+
+def test_unknown_architecture_and_tag():
+    with pytest.raises(ModelSpecError, match="unknown model architecture"):
+        load_encoder("NoSuchNet:openai", "cpu")
+    with pytest.raises(ModelSpecError, match="unknown pretrained tag"):
+        load_encoder("ViT-B-32:no_such_tag", "cpu")
+
+
+def test_offline_without_cache_says_what_to_do():
+    # HF_HUB_OFFLINE=1 and an empty HF_HOME come from conftest
+    with pytest.raises(ModelUnavailableError) as info:
+        load_encoder("ViT-B-32:laion2b_s34b_b79k", "cpu")
+    message = str(info.value)
+    assert "no network" in message and "--model" in message and "\n" not in message
+
+
+def test_model_dir_without_weights(tmp_path, tiny_model):
+    folder = tmp_path / "noweights"
+    folder.mkdir()
+    (folder / "open_clip_config.json").write_text((tiny_model / "open_clip_config.json").read_text())
+    with pytest.raises(ModelUnavailableError, match="holds no weights"):
+        load_encoder(str(folder), "cpu")

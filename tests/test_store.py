@@ -1,0 +1,81 @@
+"""The catalog: migrations agree with the models, bulk writes, generations."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
+from sqlalchemy import inspect
+
+from mmsearch.migrate import head_revision, upgrade
+from mmsearch.store import Base, Catalog, from_blobs, make_engine, to_blob
+
+
+def test_upgrade_head_on_empty_database_matches_models(tmp_path: Path):
+    engine = make_engine(tmp_path / "empty.sqlite3")
+    upgrade(engine)
+    with engine.connect() as conn:
+        context = MigrationContext.configure(conn, opts={"render_as_batch": True})
+        assert context.get_current_revision() == head_revision()
+        assert compare_metadata(context, Base.metadata) == []
+    assert set(inspect(engine).get_table_names()) >= {"meta", "images", "texts", "alembic_version"}
+
+
+def test_open_is_idempotent_and_uses_wal(tmp_path: Path):
+    path = tmp_path / "c.sqlite3"
+    Catalog.open(path).close()
+    with Catalog.open(path) as catalog:
+        with catalog.engine.connect() as conn:
+            assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+
+
+def _row(i: int, dim: int = 4) -> dict:
+    return {
+        "path": f"/photos/{i}.jpg", "size": i, "mtime_ns": i * 10, "content_hash": f"h{i}",
+        "width": 8, "height": 6, "vector": to_blob(np.full(dim, i, dtype=np.float32)),
+    }
+
+
+def test_bulk_write_update_delete_and_generation(tmp_path: Path):
+    with Catalog.open(tmp_path / "c.sqlite3") as catalog:
+        assert catalog.generation("image") == 0
+        ids = catalog.write_images([_row(i) for i in range(1000)], [])
+        assert len(ids) == 1000 and catalog.count("image") == 1000
+        assert catalog.generation("image") == 1 and catalog.generation("text") == 0
+        states = catalog.image_states(prefixes=["/photos"])
+        assert states["/photos/7.jpg"].content_hash == "h7"
+        assert catalog.image_states(prefixes=["/elsewhere"]) == {}
+        catalog.write_images([], [{"id": ids[0], **_row(0), "content_hash": "new"}], removed_ids=ids[1:3])
+        assert catalog.count("image") == 998
+        assert catalog.image_states()["/photos/0.jpg"].content_hash == "new"
+        got = {i: v for chunk_ids, vecs in catalog.iter_vectors("image", 4, chunk=300) for i, v in zip(chunk_ids, vecs)}
+        assert len(got) == 998 and got[ids[5]][0] == 5.0
+
+
+def test_ids_are_never_reused(tmp_path: Path):
+    with Catalog.open(tmp_path / "c.sqlite3") as catalog:
+        first = catalog.write_images([_row(1)], [])
+        catalog.write_images([], [], removed_ids=first)
+        second = catalog.write_images([_row(2)], [])
+        assert second[0] > first[0]
+
+
+def test_blobs_round_trip():
+    vectors = np.random.default_rng(0).standard_normal((3, 5)).astype(np.float32)
+    np.testing.assert_array_equal(from_blobs([to_blob(v) for v in vectors], 5), vectors)
+
+
+def test_prefix_is_a_folder_boundary(tmp_path: Path):
+    with Catalog.open(tmp_path / "c.sqlite3") as catalog:
+        catalog.write_images([{**_row(1), "path": "/photos2/a.jpg"}, {**_row(2), "path": "/photos/b.jpg"}], [])
+        assert list(catalog.image_states(prefixes=["/photos"])) == ["/photos/b.jpg"]
+
+
+def test_unreadable_catalog_is_a_clear_error(tmp_path: Path):
+    from mmsearch.errors import CatalogError
+
+    bad = tmp_path / "c.sqlite3"
+    bad.write_bytes(b"this is not a database" * 100)
+    with pytest.raises(CatalogError, match="cannot open catalog"):
+        Catalog.open(bad)
