@@ -111,7 +111,7 @@ def query_vector(home: Home, query: str | None, image: Path | None) -> np.ndarra
             if term.image is not None:
                 total += term.weight * embed_image_file(home, term.image)
     norm = float(np.linalg.norm(total))
-    if norm == 0.0:
+    if norm < 1e-6:
         raise UsageError("the query terms cancel out; nothing to search for")
     return total / norm
 

@@ -1,0 +1,68 @@
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from mmsearch.decode import Decoded, Skipped, decode_file, decode_many, load_image
+from mmsearch.discover import FileEntry
+
+
+def _entry(path: Path) -> FileEntry:
+    st = path.stat()
+    return FileEntry(str(path), st.st_size, st.st_mtime_ns)
+
+
+def test_exif_orientation_is_applied(tmp_path: Path):
+    # a picture that is wide when upright, stored tall with "rotate 90" in EXIF
+    upright = Image.new("RGB", (40, 20), (255, 0, 0))
+    upright.paste((0, 0, 255), (0, 0, 10, 20))  # blue band on the left
+    stored = upright.transpose(Image.Transpose.ROTATE_90)  # what a camera writes
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90° clockwise to view
+    stored.save(tmp_path / "rotated.jpg", exif=exif, quality=95)
+    img = load_image(str(tmp_path / "rotated.jpg"))
+    assert img.size == (40, 20)
+    left, right = np.asarray(img)[10, 2], np.asarray(img)[10, 37]
+    assert left[2] > 200 and left[0] < 60  # blue on the left, as it was shot
+    assert right[0] > 200 and right[2] < 60
+
+
+def test_transparency_is_laid_over_white(tmp_path: Path):
+    Image.new("RGBA", (8, 8), (0, 0, 0, 0)).save(tmp_path / "clear.png")
+    assert np.asarray(load_image(str(tmp_path / "clear.png"))).min() == 255
+
+
+def test_jpeg_draft_keeps_at_least_the_model_size(tmp_path: Path):
+    Image.new("RGB", (1600, 1200), "green").save(tmp_path / "big.jpg")
+    img = load_image(str(tmp_path / "big.jpg"), min_side=224)
+    assert min(img.size) >= 224 and img.size[0] < 1600
+
+
+def test_bad_files_are_skipped_with_a_reason(tmp_path: Path):
+    (tmp_path / "empty.jpg").write_bytes(b"")
+    (tmp_path / "text.jpg").write_text("hello, I am not a JPEG")
+    good = tmp_path / "good.png"
+    Image.new("RGB", (16, 16), "red").save(good)
+    data = good.read_bytes()
+    (tmp_path / "truncated.png").write_bytes(data[: len(data) // 2])
+    results = {
+        Path(r.entry.path if isinstance(r, Decoded) else r.path).name: r
+        for r in (decode_file(_entry(p), lambda im: np.asarray(im), 16) for p in sorted(tmp_path.iterdir()))
+    }
+    assert isinstance(results["good.png"], Decoded) and results["good.png"].pixels.shape == (16, 16, 3)
+    for name in ("empty.jpg", "text.jpg", "truncated.png"):
+        assert isinstance(results[name], Skipped), name
+        assert results[name].reason and "\n" not in results[name].reason
+
+
+def test_known_content_is_not_decoded(tmp_path: Path):
+    path = tmp_path / "a.png"
+    Image.new("RGB", (16, 16), "red").save(path)
+    first = decode_file(_entry(path), lambda im: im, 16)
+    again = decode_file(_entry(path), lambda im: im, 16, reusable={first.content_hash}.__contains__)
+    assert again.content_hash == first.content_hash and again.pixels is None
+
+
+def test_decode_many_keeps_order(tmp_path: Path):
+    out = list(decode_many(range(100), lambda i: i * 2, workers=3, window=7))
+    assert out == [i * 2 for i in range(100)]

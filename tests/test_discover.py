@@ -1,0 +1,39 @@
+import os
+from pathlib import Path
+
+import pytest
+
+from mmsearch.discover import check_roots, walk
+from mmsearch.errors import UsageError
+from tests.conftest import make_image
+
+
+def test_walks_recursively_and_skips_hidden_and_junk(tmp_path: Path):
+    make_image(tmp_path / "a.jpg")
+    make_image(tmp_path / "sub" / "b.PNG")
+    make_image(tmp_path / ".hidden" / "c.jpg")
+    make_image(tmp_path / "node_modules" / "d.jpg")
+    make_image(tmp_path / "@eaDir" / "e.jpg")
+    make_image(tmp_path / "._f.jpg")
+    (tmp_path / "notes.txt").write_text("not an image")
+    found = sorted(os.path.relpath(e.path, tmp_path) for e in walk([str(tmp_path)]))
+    assert found == ["a.jpg", os.path.join("sub", "b.PNG")]
+
+
+def test_entries_carry_size_and_mtime(tmp_path: Path):
+    path = make_image(tmp_path / "a.jpg")
+    (entry,) = walk([str(tmp_path)])
+    st = path.stat()
+    assert (entry.size, entry.mtime_ns) == (st.st_size, st.st_mtime_ns)
+
+
+def test_symlink_loop_is_cut_and_files_listed_once(tmp_path: Path):
+    make_image(tmp_path / "pics" / "a.jpg")
+    os.symlink(tmp_path / "pics", tmp_path / "pics" / "loop")
+    found = list(walk([str(tmp_path / "pics"), str(tmp_path / "pics" / "a.jpg")]))
+    assert [os.path.basename(e.path) for e in found] == ["a.jpg"]
+
+
+def test_missing_root_names_it(tmp_path: Path):
+    with pytest.raises(UsageError, match="no-such-folder"):
+        check_roots([tmp_path / "no-such-folder"])

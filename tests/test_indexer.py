@@ -1,0 +1,119 @@
+"""Incremental indexing: unchanged, changed, renamed, copied, removed, corrupt."""
+
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mmsearch.errors import ModelMismatchError
+from mmsearch.home import Home
+from mmsearch.indexer import index_paths
+from mmsearch.settings import resolve
+from tests.conftest import COLOURS, make_image
+
+
+def _home(home: Path, model: Path | None, **kw) -> Home:
+    return Home.open(resolve(home=home, model=str(model) if model else None, workers=2, **kw))
+
+
+def _faiss_ids(h: Home) -> list[int]:
+    return sorted(int(i) for i in h.index("image").ids())
+
+
+def test_first_run_indexes_everything(photo_dir, home, tiny_model):
+    with _home(home, tiny_model) as h:
+        report = index_paths(h, [photo_dir], progress=False)
+        assert (report.added, report.skipped, report.removed) == (6, 0, 0)
+        assert h.catalog.count("image") == 6
+        assert _faiss_ids(h) == sorted(s.id for s in h.catalog.image_states().values())
+        assert h.recorded_model == f"local-dir:{tiny_model.resolve()}" and h.dim == 32
+
+
+def test_unchanged_files_are_not_read_again(photo_dir, home, tiny_model, monkeypatch):
+    with _home(home, tiny_model) as h:
+        index_paths(h, [photo_dir], progress=False)
+    import mmsearch.indexer as indexer
+
+    def fail(*a, **k):
+        raise AssertionError("an unchanged run must not read or encode files")
+
+    monkeypatch.setattr(indexer, "_encode_files", fail)
+    with _home(home, None) as h:
+        report = index_paths(h, [photo_dir], progress=False)
+        assert h._encoder is None  # the model was never loaded
+    assert (report.added, report.updated, report.unchanged, report.removed) == (0, 0, 6, 0)
+
+
+def test_rename_and_copy_reuse_vectors_removal_drops(photo_dir, home, tiny_model):
+    with _home(home, tiny_model) as h:
+        index_paths(h, [photo_dir], progress=False)
+        before = {Path(p).name: s for p, s in h.catalog.image_states().items()}
+        red_vec = h.catalog.vectors("image", [before["red.jpg"].id], 32)[before["red.jpg"].id]
+    os.rename(photo_dir / "red.jpg", photo_dir / "renamed red.jpg")
+    shutil.copy(photo_dir / "green.png", photo_dir / "copy of green.png")
+    os.remove(photo_dir / "white.bmp")
+    with _home(home, tiny_model) as h:
+        report = index_paths(h, [photo_dir], progress=False)
+        assert (report.added, report.removed, report.reused, report.unchanged) == (2, 2, 2, 4)
+        states = {Path(p).name: s for p, s in h.catalog.image_states().items()}
+        assert "red.jpg" not in states and "white.bmp" not in states
+        new_vec = h.catalog.vectors("image", [states["renamed red.jpg"].id], 32)[states["renamed red.jpg"].id]
+        np.testing.assert_array_equal(new_vec, red_vec)
+        assert _faiss_ids(h) == sorted(s.id for s in states.values())
+
+
+def test_changed_file_is_updated_in_place(photo_dir, home, tiny_model):
+    with _home(home, tiny_model) as h:
+        index_paths(h, [photo_dir], progress=False)
+        old = h.catalog.image_states()[str(photo_dir / "red.jpg")]
+    make_image(photo_dir / "red.jpg", COLOURS["blue"], size=(80, 60))
+    os.utime(photo_dir / "red.jpg", ns=(old.mtime_ns + 10**9, old.mtime_ns + 10**9))
+    with _home(home, tiny_model) as h:
+        report = index_paths(h, [photo_dir], progress=False)
+        assert (report.updated, report.added, report.unchanged) == (1, 0, 5)
+        new = h.catalog.image_states()[str(photo_dir / "red.jpg")]
+        assert new.id == old.id and new.content_hash != old.content_hash
+        assert h.catalog.count("image") == 6 and len(_faiss_ids(h)) == 6
+
+
+def test_other_roots_are_left_alone(tmp_path, home, tiny_model):
+    make_image(tmp_path / "a" / "1.jpg")
+    make_image(tmp_path / "b" / "2.jpg")
+    with _home(home, tiny_model) as h:
+        index_paths(h, [tmp_path / "a"], progress=False)
+        report = index_paths(h, [tmp_path / "b"], progress=False)
+        assert report.removed == 0 and h.catalog.count("image") == 2
+
+
+def test_corrupt_files_are_skipped_and_counted(photo_dir, home, tiny_model):
+    (photo_dir / "zero.jpg").write_bytes(b"")
+    (photo_dir / "fake.png").write_text("not a png")
+    data = (photo_dir / "green.png").read_bytes()
+    (photo_dir / "truncated.png").write_bytes(data[: len(data) // 3])
+    seen = []
+    with _home(home, tiny_model) as h:
+        report = index_paths(h, [photo_dir], progress=False, on_skip=lambda p, r: seen.append(Path(p).name))
+    assert report.added == 6 and report.skipped == 3
+    assert sorted(seen) == ["fake.png", "truncated.png", "zero.jpg"]
+
+
+def test_other_model_on_existing_home_is_refused(photo_dir, home, tiny_model, other_tiny_model):
+    with _home(home, tiny_model) as h:
+        index_paths(h, [photo_dir], progress=False)
+    with pytest.raises(ModelMismatchError, match="was indexed with model"):
+        _home(home, other_tiny_model)
+
+
+def test_small_batches_give_the_same_vectors(photo_dir, tmp_path, tiny_model):
+    results = []
+    for batch, workers in ((1, 0), (4, 3)):
+        with Home.open(resolve(home=tmp_path / f"h{batch}", model=str(tiny_model), batch_size=batch, workers=workers)) as h:
+            index_paths(h, [photo_dir], progress=False)
+            states = h.catalog.image_states()
+            vecs = h.catalog.vectors("image", [s.id for s in states.values()], 32)
+            results.append({p: vecs[s.id] for p, s in states.items()})
+    assert results[0].keys() == results[1].keys()
+    for path in results[0]:
+        np.testing.assert_allclose(results[0][path], results[1][path], atol=1e-5)

@@ -1,0 +1,73 @@
+import json
+from pathlib import Path
+
+import pytest
+
+from mmsearch.errors import InputFileError
+from mmsearch.home import Home
+from mmsearch.settings import resolve
+from mmsearch.texts import add_texts, read_corpus
+
+
+def test_txt_jsonl_csv(tmp_path: Path):
+    (tmp_path / "a.txt").write_text("first line\n\n  second line  \n")
+    items, empty, dups = read_corpus(tmp_path / "a.txt")
+    assert [(i.key, i.text) for i in items] == [("a.txt:1", "first line"), ("a.txt:3", "second line")]
+    assert (empty, dups) == (1, 0)
+
+    lines = [{"id": "x", "text": "hello", "lang": "en"}, {"text": "no id"}, {"id": 7, "text": "num id"}]
+    (tmp_path / "b.jsonl").write_text("\n".join(json.dumps(r) for r in lines) + "\n")
+    items, _, _ = read_corpus(tmp_path / "b.jsonl")
+    assert [(i.key, i.text, i.meta) for i in items] == [
+        ("x", "hello", {"lang": "en"}), ("b.jsonl:2", "no id", None), ("7", "num id", None)
+    ]
+
+    (tmp_path / "c.csv").write_text('id,text,author\n1,"a, quoted text",ann\n2,plain,\n')
+    items, _, _ = read_corpus(tmp_path / "c.csv")
+    assert [(i.key, i.text, i.meta) for i in items] == [("1", "a, quoted text", {"author": "ann"}), ("2", "plain", None)]
+
+
+def test_duplicate_ids_keep_the_last(tmp_path: Path):
+    (tmp_path / "d.jsonl").write_text('{"id": "k", "text": "old"}\n{"id": "k", "text": "new"}\n')
+    items, _, dups = read_corpus(tmp_path / "d.jsonl")
+    assert [(i.key, i.text) for i in items] == [("k", "new")] and dups == 1
+
+
+@pytest.mark.parametrize(
+    "name, content, message",
+    [
+        ("bad.jsonl", b'{"text": "ok"}\n{not json\n', "bad.jsonl:2: not valid JSON"),
+        ("bad2.jsonl", b'{"text": "ok"}\n{"title": "no text"}\n', "bad2.jsonl:2: no 'text' field"),
+        ("bad.txt", b"fine\nstill fine\n\xff\xfe broken\n", "bad.txt:3: not valid UTF-8"),
+        ("bad.csv", b"id,caption\n1,x\n", "needs a 'text' column"),
+        ("bad.docx", b"whatever", "unsupported"),
+    ],
+)
+def test_bad_corpora_name_the_line(tmp_path: Path, name: str, content: bytes, message: str):
+    (tmp_path / name).write_bytes(content)
+    with pytest.raises(InputFileError, match=message.replace("(", r"\(")):
+        read_corpus(tmp_path / name)
+
+
+def test_add_texts_is_incremental(tmp_path: Path, tiny_model: Path):
+    corpus = tmp_path / "caps.jsonl"
+    corpus.write_text('{"id": "1", "text": "a red square"}\n{"id": "2", "text": "blue sky"}\n')
+    settings = resolve(home=tmp_path / "home", model=str(tiny_model))
+    with Home.open(settings) as home:
+        first = add_texts(home, corpus, progress=False)
+        assert (first.added, first.updated, first.unchanged) == (2, 0, 0)
+        corpus.write_text('{"id": "1", "text": "a red square"}\n{"id": "2", "text": "grey sky"}\n{"text": "new"}\n')
+        second = add_texts(home, corpus, progress=False)
+        assert (second.added, second.updated, second.unchanged) == (1, 1, 1)
+        assert home.catalog.count("text") == 3
+        assert sorted(home.index("text").ids()) == sorted(home.catalog.ids("text"))
+
+
+def test_huge_line_is_truncated_with_a_warning(tmp_path: Path, tiny_model: Path):
+    corpus = tmp_path / "long.txt"
+    corpus.write_text("short\n" + "word " * 5000 + "\n")
+    warnings: list[str] = []
+    with Home.open(resolve(home=tmp_path / "home", model=str(tiny_model))) as home:
+        report = add_texts(home, corpus, progress=False, on_warning=warnings.append)
+    assert report.added == 2 and report.truncated == 1
+    assert len(warnings) == 1 and "truncated" in warnings[0] and "long.txt" in warnings[0]
