@@ -182,6 +182,8 @@ def index_paths(
         skip(path, reason)
 
     with home.write_lock():
+        if home.recorded_model is None:
+            home.encoder()  # a new home: check the model now, not after the walk
         entries = list(walk(root_paths, on_error=walk_error))
         states = home.catalog.image_states(prefixes=root_paths)
         todo, report.unchanged, vanished = plan(entries, states, root_paths, unlisted)
