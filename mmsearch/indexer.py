@@ -66,8 +66,6 @@ class _Writer:
         self.batch = batch
         self.pending: list[_Ready] = []
         self.index = None
-        #: vectors encoded in this run, by content hash, for copies met later in the run
-        self.encoded: dict[str, tuple[np.ndarray, int, int]] = {}
 
     def put(self, item: _Ready) -> None:
         self.pending.append(item)
@@ -80,22 +78,21 @@ class _Writer:
         items, self.pending = self.pending, []
         catalog = self.home.catalog
         index = self.get_index()  # before writing: a rebuild must not see this batch
-        missing = [it.content_hash for it in items if it.vector is None and it.content_hash not in self.encoded]
-        stored = {
-            h: (np.frombuffer(blob, dtype="<f4"), w, hgt)
-            for h, (blob, w, hgt) in (catalog.vectors_by_hash(missing) if missing else {}).items()
-        }
+        # A reused vector's twin is in this batch or, flushed earlier, in the catalog.
+        twins = {it.content_hash: (it.vector, it.width, it.height) for it in items if it.vector is not None}
+        missing = [it.content_hash for it in items if it.vector is None and it.content_hash not in twins]
+        for h, (blob, w, hgt) in (catalog.vectors_by_hash(missing) if missing else {}).items():
+            twins[h] = (np.frombuffer(blob, dtype="<f4"), w, hgt)
         new_rows, changed_rows, vectors_new, vectors_changed, changed_ids = [], [], [], [], []
         for it in items:
             if it.vector is None:
-                twin = self.encoded.get(it.content_hash) or stored.get(it.content_hash)
+                twin = twins.get(it.content_hash)
                 if twin is None:  # its twin vanished meanwhile; very rare, read again next run
                     continue
                 vector, width, height = twin
                 self.report.reused += 1
             else:
                 vector, width, height = it.vector, it.width, it.height
-                self.encoded[it.content_hash] = (vector, width, height)
             row = {
                 "path": it.entry.path,
                 "size": it.entry.size,
@@ -131,7 +128,7 @@ class _Writer:
 
 
 def plan(
-    entries: Sequence[FileEntry], states: dict[str, ImageState], roots: Sequence[str], unlisted: Sequence[str]
+    entries: Sequence[FileEntry], states: dict[str, ImageState], unlisted: Sequence[str]
 ) -> tuple[list[FileEntry], int, list[int]]:
     """Split discovered files into (to read, unchanged count, catalogued ids that vanished).
 
@@ -186,7 +183,7 @@ def index_paths(
             home.encoder()  # a new home: check the model now, not after the walk
         entries = list(walk(root_paths, on_error=walk_error))
         states = home.catalog.image_states(prefixes=root_paths)
-        todo, report.unchanged, vanished = plan(entries, states, root_paths, unlisted)
+        todo, report.unchanged, vanished = plan(entries, states, unlisted)
         if not todo and not vanished:
             report.seconds = time.perf_counter() - started
             return report

@@ -117,3 +117,13 @@ def test_small_batches_give_the_same_vectors(photo_dir, tmp_path, tiny_model):
     assert results[0].keys() == results[1].keys()
     for path in results[0]:
         np.testing.assert_allclose(results[0][path], results[1][path], atol=1e-5)
+
+
+def test_copies_met_in_one_run_are_encoded_once(tmp_path, home, tiny_model):
+    make_image(tmp_path / "pics" / "a.jpg", COLOURS["red"])
+    for i in range(3):
+        shutil.copy(tmp_path / "pics" / "a.jpg", tmp_path / "pics" / f"copy{i}.jpg")
+    with _home(home, tiny_model, batch_size=2) as h:
+        report = index_paths(h, [tmp_path / "pics"], progress=False)
+        assert report.added == 4 and report.skipped == 0
+        assert len(_faiss_ids(h)) == 4
