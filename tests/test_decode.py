@@ -66,3 +66,14 @@ def test_known_content_is_not_decoded(tmp_path: Path):
 def test_decode_many_keeps_order(tmp_path: Path):
     out = list(decode_many(range(100), lambda i: i * 2, workers=3, window=7))
     assert out == [i * 2 for i in range(100)]
+
+
+def test_heic_is_read_through_the_optional_extra(tmp_path: Path):
+    pillow_heif = __import__("pytest").importorskip("pillow_heif")
+    from mmsearch.decode import enable_heif
+
+    pillow_heif.register_heif_opener()
+    Image.new("RGB", (64, 48), (200, 20, 20)).save(tmp_path / "phone.heic", format="HEIF")
+    assert enable_heif()
+    img = load_image(str(tmp_path / "phone.heic"))
+    assert img.size == (64, 48) and np.asarray(img)[24, 32, 0] > 150
