@@ -89,11 +89,42 @@ class Home:
         dim = self.dim
         if dim is None:
             return VectorIndex.empty(kind, 1, self.spec.canonical)
-        return open_index(self.catalog, self.settings.index_path(kind), kind, dim, self.spec.canonical)
+        return open_index(
+            self.catalog, self.settings.index_path(kind), kind, dim, self.spec.canonical,
+            on_rebuild=self._save_rebuilt,
+        )
 
     def save_index(self, index: "VectorIndex") -> None:
+        """Save a writer's index (the caller holds :meth:`write_lock`)."""
         index.generation = self.catalog.generation(index.kind)
-        index.save(self.settings.index_path(index.kind))
+        with self._save_lock():
+            index.save(self.settings.index_path(index.kind))
+
+    def _save_rebuilt(self, index: "VectorIndex") -> None:
+        """Save an index rebuilt from the catalog, if it is still current.
+
+        Readers (``search``) rebuild too, possibly while a writer runs. The
+        index file and its sidecar are two renames, so every save holds the
+        save lock (never a reader+writer mix of the two files), and a rebuild
+        that a writer's commit has since outdated is not saved at all. A home
+        we cannot write to (read-only media) keeps the rebuild in memory.
+        """
+        try:
+            with self._save_lock():
+                if self.catalog.generation(index.kind) == index.generation:
+                    index.save(self.settings.index_path(index.kind))
+        except OSError:
+            pass
+
+    @contextmanager
+    def _save_lock(self) -> Iterator[None]:
+        """Held for the few renames of an index save; blocking, never for long."""
+        fd = os.open(self.settings.home / "index.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
 
     # -- writers ------------------------------------------------------------
 

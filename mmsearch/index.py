@@ -13,7 +13,7 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -151,8 +151,19 @@ def build_from_catalog(catalog: Catalog, kind: Kind, dim: int, model: str) -> Ve
     return index
 
 
-def open_index(catalog: Catalog, path: Path, kind: Kind, dim: int, model: str) -> VectorIndex:
-    """The index at ``path`` if it reflects the catalog now, else one rebuilt (and saved)."""
+def open_index(
+    catalog: Catalog,
+    path: Path,
+    kind: Kind,
+    dim: int,
+    model: str,
+    on_rebuild: Callable[[VectorIndex], None] | None = None,
+) -> VectorIndex:
+    """The index at ``path`` if it reflects the catalog now, else one rebuilt.
+
+    A rebuilt index is handed to ``on_rebuild`` (which decides whether it is
+    safe to save it), or saved to ``path`` when none is given.
+    """
     generation = catalog.generation(kind)
     if path.exists() and sidecar_path(path).exists():
         try:
@@ -167,5 +178,8 @@ def open_index(catalog: Catalog, path: Path, kind: Kind, dim: int, model: str) -
         ):
             return index
     index = build_from_catalog(catalog, kind, dim, model)
-    index.save(path)
+    if on_rebuild is None:
+        index.save(path)
+    else:
+        on_rebuild(index)
     return index
