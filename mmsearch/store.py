@@ -19,6 +19,7 @@ import numpy as np
 from sqlalchemy import (
     LargeBinary,
     MetaData,
+    bindparam,
     String,
     create_engine,
     delete,
@@ -257,7 +258,7 @@ class Catalog:
             if removed_ids:
                 _delete_ids(conn, ImageRow, removed_ids)
             if changed:
-                conn.execute(update(ImageRow), [{**row, "indexed_at": now} for row in changed])
+                _update_rows(conn, ImageRow, changed, now)
             ids = []
             if new:
                 result = conn.execute(
@@ -288,7 +289,7 @@ class Catalog:
         now = time.time()
         with self.engine.begin() as conn:
             if changed:
-                conn.execute(update(TextRow), [{**row, "indexed_at": now} for row in changed])
+                _update_rows(conn, TextRow, changed, now)
             ids = []
             if new:
                 result = conn.execute(
@@ -357,6 +358,19 @@ class Catalog:
                 chunk = [int(i) for i in ids[start:start + 500]]
                 rows.extend(conn.execute(select(key_col, value_col).where(key_col.in_(chunk))).tuples())
         return rows
+
+
+def _update_rows(conn: Any, table: Any, rows: Sequence[dict[str, Any]], now: float) -> None:
+    """Update each row by its ``id``.
+
+    A Core ``update(table)`` with a list of rows but no WHERE clause updates
+    *every* row (setting ``id`` too); only the ORM session adds the primary key
+    clause by itself. So the WHERE is explicit here.
+    """
+    stmt = update(table).where(table.id == bindparam("row_id"))
+    conn.execute(
+        stmt, [{"row_id": row["id"], **{k: v for k, v in row.items() if k != "id"}, "indexed_at": now} for row in rows]
+    )
 
 
 def _delete_ids(conn: Any, table: Any, ids: Sequence[int]) -> None:
