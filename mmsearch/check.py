@@ -232,9 +232,9 @@ def _examples(paths: list[str]) -> str:
 
 
 def _temp_files(settings: Settings) -> list[Any]:
-    if not settings.home.is_dir():
-        return []
-    return sorted(p for kind in KINDS for p in settings.home.glob(f".{settings.index_path(kind).name}*.tmp"))
+    from mmsearch.index import temp_files
+
+    return [p for kind in KINDS for p in temp_files(settings.index_path(kind))]
 
 
 def _repair(home: Home, report: CheckReport) -> list[str]:
@@ -242,9 +242,10 @@ def _repair(home: Home, report: CheckReport) -> list[str]:
     from mmsearch.index import build_from_catalog
 
     done: list[str] = []
-    for tmp in _temp_files(home.settings):  # we hold the write lock: no save is in flight
-        tmp.unlink(missing_ok=True)
-        done.append(f"removed {tmp.name}")
+    with home.save_lock():  # no save is in flight, so every temp file is stale
+        for tmp in _temp_files(home.settings):
+            tmp.unlink(missing_ok=True)
+            done.append(f"removed {tmp.name}")
     dim, model = home.dim, home.recorded_model
     for kind in KINDS:
         if dim is None or model is None:

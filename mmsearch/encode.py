@@ -118,6 +118,8 @@ def _create(spec: ModelSpec, device: str) -> tuple[Any, Callable, Any]:
         args = (spec.name,)
         kwargs["pretrained"] = str(spec.path)
 
+    # open_clip logs a failed download itself; we say it once, as our error line
+    logging.disable(logging.ERROR)
     try:
         model, _, preprocess = open_clip.create_model_and_transforms(*args, **kwargs)
     except (ModelSpecError, ModelUnavailableError):
@@ -127,6 +129,8 @@ def _create(spec: ModelSpec, device: str) -> tuple[Any, Callable, Any]:
             raise ModelUnavailableError(_offline_hint(spec)) from None
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelUnavailableError(f"could not load model {spec}: {first[:200]}") from None
+    finally:
+        logging.disable(logging.NOTSET)
     tokenizer = open_clip.get_tokenizer(*args[:1])
     return model, preprocess, tokenizer
 

@@ -124,6 +124,22 @@ def sidecar_path(path: Path) -> Path:
     return path.with_name(path.name + ".json")
 
 
+def temp_files(path: Path) -> list[Path]:
+    """Temp files of saves of ``path`` (and its sidecar); stale unless a save is in flight."""
+    if not path.parent.is_dir():
+        return []
+    return sorted(path.parent.glob(f".{path.name}.*.tmp")) + sorted(path.parent.glob(f".{path.name}.json.*.tmp"))
+
+
+def sidecar_is_current(path: Path, generation: int, dim: int, model: str) -> bool:
+    """Whether the sidecar says the index at ``path`` reflects this catalog state (reads only the sidecar)."""
+    try:
+        meta = json.loads(sidecar_path(path).read_text())
+        return path.exists() and (meta["generation"], meta["dim"], meta["model"]) == (generation, dim, model)
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
 def _atomic_write(path: Path, write: Any) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
