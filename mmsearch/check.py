@@ -158,6 +158,8 @@ def _check_index(home: Home, kind: Kind, report: CheckReport) -> None:
             f"{path.name} reflects catalog generation {index.generation}, the catalog is at {generation}"
             + (f" (pid {report.writer_pid} is writing)" if report.writer_pid else ""), kind,
         )
+        if report.writer_pid:
+            return  # its ids and count lag the catalog too, until the writer saves
     if report.dim is not None and index.dim != report.dim:
         report.add("fixable", "dim-mismatch", f"{path.name} holds {index.dim}-d vectors, the catalog {report.dim}-d", kind)
     if report.model is not None and index.model != report.model:
