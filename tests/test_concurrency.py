@@ -63,3 +63,17 @@ def test_search_and_second_writer_while_index_runs(tmp_path: Path, tiny_model: P
     assert final.findings == [] and final.counts["image"] == {"catalog": 10, "index": 10}
     result = runner.invoke(app, [*base, "search", "a photo", "-k", "100", "--json"])
     assert {json.loads(line)["path"] for line in result.stdout.splitlines()} == files
+
+
+def test_processes_opening_a_new_catalog_at_once(tmp_path: Path) -> None:
+    """The first open migrates; the others wait for it instead of failing halfway."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    path = tmp_path / "home" / "catalog.sqlite3"
+
+    def open_and_count(_: int) -> int:
+        with Catalog.open(path) as catalog:
+            return catalog.count("image")
+
+    with ThreadPoolExecutor(6) as pool:
+        assert list(pool.map(open_and_count, range(6))) == [0] * 6
