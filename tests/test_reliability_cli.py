@@ -65,8 +65,14 @@ def test_image_query_that_is_not_an_image(indexed: list[str], tmp_path: Path) ->
     assert str(missing) in one_error_line(runner.invoke(app, [*indexed, "search", "--image", str(missing)]))
 
 
-def test_default_model_offline_says_what_to_do(tmp_path: Path) -> None:
-    """No network, nothing cached (HF_HUB_OFFLINE=1, empty HF_HOME from conftest)."""
+def test_default_model_offline_says_what_to_do(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No network, nothing cached. huggingface_hub reads HF_HUB_OFFLINE and HF_HOME once, at
+    import, which may have happened (in a session fixture) before conftest set them; so the
+    module's constants are set too. Without them the hub retries for ~45 s before failing."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
     make_image(tmp_path / "photos" / "a.jpg")
     result = runner.invoke(app, ["--home", str(tmp_path / "h"), "index", "--quiet", str(tmp_path / "photos")])
     line = one_error_line(result)
