@@ -141,7 +141,8 @@ def _check_index(home: Home, kind: Kind, report: CheckReport) -> None:
     counts = report.counts[kind]
     if not path.exists() or not sidecar_path(path).exists():
         if counts["catalog"]:
-            report.add("fixable", "no-index", f"{path.name} is missing (rebuilt on next use or by --repair)", kind)
+            severity: Severity = "warning" if report.writer_pid else "fixable"
+            report.add(severity, "no-index", f"{path.name} is missing (rebuilt on next use or by --repair)", kind)
         return
     try:
         index = VectorIndex.load(path)
@@ -152,9 +153,8 @@ def _check_index(home: Home, kind: Kind, report: CheckReport) -> None:
     generation = home.catalog.generation(kind)
     if index.generation != generation:
         # mid-run a writer's index lags its catalog by design; it saves at the end
-        severity: Severity = "warning" if report.writer_pid else "fixable"
         report.add(
-            severity, "stale-generation",
+            "warning" if report.writer_pid else "fixable", "stale-generation",
             f"{path.name} reflects catalog generation {index.generation}, the catalog is at {generation}"
             + (f" (pid {report.writer_pid} is writing)" if report.writer_pid else ""), kind,
         )

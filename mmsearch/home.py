@@ -131,7 +131,7 @@ class Home:
             with self.save_lock():
                 if self.catalog.generation(index.kind) == index.generation:
                     self._save(index)
-        except OSError:
+        except (OSError, RuntimeError):  # RuntimeError: FAISS's own write errors
             pass
 
     @contextmanager
