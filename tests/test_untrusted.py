@@ -49,6 +49,7 @@ def assert_refused(result, marker: Path) -> None:  # type: ignore[no-untyped-def
     assert result.exit_code != 0
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and "refused to load" in lines[0], lines
+    assert "its pickle would call posix.system" in lines[0]
     assert "Traceback" not in result.output
     assert not marker.exists(), "the pickled payload ran"
 
