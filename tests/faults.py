@@ -30,6 +30,12 @@ def _die() -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 
 
+def _wait_for(path: str, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not os.path.exists(path) and time.monotonic() < deadline:
+        time.sleep(0.02)
+
+
 def _after_calls(owner: Any, name: str, n: int, action: Any, before: bool = False) -> None:
     """Run ``action`` on the ``n``-th call of ``owner.name`` (before or after the real call)."""
     original = getattr(owner, name)
@@ -51,7 +57,7 @@ def install(fault: str) -> None:
     """Faults: ``after-batch:N`` (catalog batch N committed), ``in-transaction:N``
     (inside the N-th catalog transaction), ``decode:N`` (N-th file read),
     ``rename:N`` (before the N-th atomic rename of an index save),
-    ``slow:SECONDS`` (sleep after every committed batch), ``none``."""
+    ``hold:N:PATH`` (after batch N is committed, wait until PATH exists), ``none``."""
     import mmsearch.indexer as indexer
     import mmsearch.store as store
 
@@ -64,15 +70,9 @@ def install(fault: str) -> None:
         _after_calls(indexer, "decode_file", int(arg), _die, before=True)
     elif kind == "rename":
         _after_calls(os, "replace", int(arg), _die, before=True)
-    elif kind == "slow":
-        original = store.Catalog.write_images
-
-        def slow(*args: Any, **kwargs: Any) -> Any:
-            result = original(*args, **kwargs)
-            time.sleep(float(arg))
-            return result
-
-        store.Catalog.write_images = slow
+    elif kind == "hold":
+        batches, _, gate = arg.partition(":")
+        _after_calls(store.Catalog, "write_images", int(batches), lambda: _wait_for(gate))
     elif kind != "none":
         raise ValueError(fault)
 

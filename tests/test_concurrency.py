@@ -24,17 +24,18 @@ def test_search_and_second_writer_while_index_runs(tmp_path: Path, tiny_model: P
     files = {str(picture(photos / f"{i:02}.png", i)) for i in range(10)}
     base = ["--home", str(home), "--model", str(tiny_model), "--batch-size", "2", "--workers", "0"]
     settings = resolve(home=home, model=str(tiny_model))
-    # the writer sleeps 0.6 s after each committed batch of 2: about 3 s in all
-    writer = faults.start([*base, "index", "--quiet", str(photos)], "slow:0.6")
+    # the writer pauses after its second committed batch (of 2 files) until `gate` exists
+    gate = tmp_path / "gate"
+    writer = faults.start([*base, "index", "--quiet", str(photos)], f"hold:2:{gate}")
     try:
         deadline = time.monotonic() + 60
         while writer.is_alive() and time.monotonic() < deadline:
             if (home / "catalog.sqlite3").exists():
                 with Catalog.open(home / "catalog.sqlite3", create=False) as catalog:
-                    if catalog.count("image"):
+                    if catalog.count("image") >= 4:
                         break
             time.sleep(0.05)
-        assert writer.is_alive(), "the writer finished before the test could overlap with it"
+        assert writer.is_alive()
 
         seen_counts = []
         for _ in range(2):
@@ -53,11 +54,13 @@ def test_search_and_second_writer_while_index_runs(tmp_path: Path, tiny_model: P
         # a reader's check mid-run: the lagging index file is expected, not a problem
         report = check_home(settings)
         assert report.writer_pid == writer.pid and report.ok, report.findings
-        assert writer.is_alive(), "the checks above did not overlap with the writer"
+        assert writer.is_alive()
+        gate.touch()
     finally:
+        gate.touch()
         writer.join(60)
     assert writer.exitcode == 0
-    assert seen_counts == sorted(seen_counts)  # never went backwards
+    assert seen_counts == [4, 4]  # exactly the two committed batches, never half of one
 
     final = check_home(settings)
     assert final.findings == [] and final.counts["image"] == {"catalog": 10, "index": 10}
