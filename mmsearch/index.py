@@ -128,7 +128,7 @@ def temp_files(path: Path) -> list[Path]:
     """Temp files of saves of ``path`` (and its sidecar); stale unless a save is in flight."""
     if not path.parent.is_dir():
         return []
-    return sorted(path.parent.glob(f".{path.name}.*.tmp")) + sorted(path.parent.glob(f".{path.name}.json.*.tmp"))
+    return sorted(path.parent.glob(f".{path.name}.*.tmp"))  # the sidecar's too: .NAME.json.*.tmp
 
 
 def sidecar_is_current(path: Path, generation: int, dim: int, model: str) -> bool:

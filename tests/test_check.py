@@ -90,10 +90,11 @@ def test_stale_unreadable_mismatched_and_leftovers(indexed: tuple[list[str], Pat
     assert code == 1 and "unreadable-index" in codes(report)
 
     (home / ".images.faiss.abc123.tmp").write_bytes(b"half a save")
-    assert "temp-file" in codes(check(base)[1])
+    (home / ".images.faiss.json.def456.tmp").write_bytes(b"{")
+    assert [f["code"] for f in check(base)[1]["findings"]].count("temp-file") == 2
     code, report = check(base, "--repair")
     assert code == 0 and report["findings"] == []
-    assert "removed .images.faiss.abc123.tmp" in report["repaired"]
+    assert {"removed .images.faiss.abc123.tmp", "removed .images.faiss.json.def456.tmp"} <= set(report["repaired"])
     assert not (home / ".images.faiss.abc123.tmp").exists()
 
     sidecar = home / "images.faiss.json"
