@@ -62,7 +62,14 @@ def warn(message: str) -> None:
 
 
 def echo_json(obj: Any) -> None:
-    typer.echo(json.dumps(obj, ensure_ascii=False))
+    line = json.dumps(obj, ensure_ascii=False)
+    try:
+        line.encode("utf-8")
+    except UnicodeEncodeError:
+        # a file name that is not UTF-8: JSON's \udcXX escapes keep it exact
+        # (json.loads gives back the str that os functions take) and printable
+        line = json.dumps(obj, ensure_ascii=True)
+    typer.echo(line)
 
 
 def settings_of(ctx: typer.Context) -> Settings:
@@ -211,6 +218,34 @@ def status(
     typer.echo(f"images:  {info['images']}")
     typer.echo(f"texts:   {info['texts']}")
     typer.echo(f"on disk: {_size(int(info['disk_bytes']))}")
+
+
+@app.command()
+@handle_errors
+def check(
+    ctx: typer.Context,
+    repair: bool = typer.Option(False, "--repair", help="Rebuild every index that differs from the catalog."),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as one JSON object."),
+) -> None:
+    """Verify that catalog, indexes and files agree; exit 1 if a problem remains."""
+    from mmsearch.check import check_home
+
+    report = check_home(settings_of(ctx), repair=repair)
+    if as_json:
+        echo_json(report.as_dict())
+    else:
+        for line in report.repaired:
+            typer.echo(f"repaired: {line}")
+        for kind, counts in report.counts.items():
+            typer.echo(f"{kind}s: {counts['catalog']} in the catalog, {counts['index']} in the index")
+        for finding in report.findings:
+            typer.echo(f"{finding.severity}: {finding.message}")
+        if report.ok:
+            typer.echo("ok" + (" (warnings above)" if report.findings else ""))
+        elif not repair:
+            typer.echo("run `mmsearch check --repair` to rebuild the indexes from the catalog")
+    if not report.ok:
+        raise typer.Exit(1)
 
 
 def _size(n: int) -> str:

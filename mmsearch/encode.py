@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import pickle
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence
@@ -67,8 +68,16 @@ def check_weights_file(path: Path) -> None:
         torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, TypeError, AttributeError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        # torch's first line is advice about its defaults; the reason is further down
+        code = re.search(r"unsupported (?:global: )?GLOBAL ([\w.]+)", str(exc), re.IGNORECASE)
+        if code:
+            reason = f"its pickle would call {code.group(1)}"
+        elif first.startswith("Weights only load failed"):
+            reason = "it holds pickled objects, not only tensors"
+        else:
+            reason = first[:160]
         raise UnsafeCheckpointError(
-            f"{path}: refused to load: not a plain weights file ({first[:160]}); "
+            f"{path}: refused to load: not a plain weights file ({reason}); "
             "use a .safetensors file or a torch state dict"
         ) from None
 
@@ -118,6 +127,8 @@ def _create(spec: ModelSpec, device: str) -> tuple[Any, Callable, Any]:
         args = (spec.name,)
         kwargs["pretrained"] = str(spec.path)
 
+    # open_clip logs a failed download itself; we say it once, as our error line
+    logging.disable(logging.ERROR)
     try:
         model, _, preprocess = open_clip.create_model_and_transforms(*args, **kwargs)
     except (ModelSpecError, ModelUnavailableError):
@@ -127,6 +138,8 @@ def _create(spec: ModelSpec, device: str) -> tuple[Any, Callable, Any]:
             raise ModelUnavailableError(_offline_hint(spec)) from None
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelUnavailableError(f"could not load model {spec}: {first[:200]}") from None
+    finally:
+        logging.disable(logging.NOTSET)
     tokenizer = open_clip.get_tokenizer(*args[:1])
     return model, preprocess, tokenizer
 

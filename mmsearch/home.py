@@ -89,11 +89,60 @@ class Home:
         dim = self.dim
         if dim is None:
             return VectorIndex.empty(kind, 1, self.spec.canonical)
-        return open_index(self.catalog, self.settings.index_path(kind), kind, dim, self.spec.canonical)
+        return open_index(
+            self.catalog, self.settings.index_path(kind), kind, dim, self.spec.canonical,
+            on_rebuild=self._save_rebuilt,
+        )
 
     def save_index(self, index: "VectorIndex") -> None:
+        """Save a writer's index (the caller holds :meth:`write_lock`)."""
         index.generation = self.catalog.generation(index.kind)
-        index.save(self.settings.index_path(index.kind))
+        with self.save_lock():
+            self._save(index)
+
+    def ensure_index_current(self, kind: Kind) -> None:
+        """Rebuild and save an index whose sidecar lags the catalog (a run killed before its save)."""
+        from mmsearch.index import sidecar_is_current
+
+        dim = self.dim
+        path = self.settings.index_path(kind)
+        if dim is not None and not sidecar_is_current(path, self.catalog.generation(kind), dim, self.spec.canonical):
+            self.index(kind)
+
+    def _save(self, index: "VectorIndex") -> None:
+        """Save under the save lock; temp files of saves killed midway are removed first."""
+        from mmsearch.index import temp_files
+
+        path = self.settings.index_path(index.kind)
+        for stale in temp_files(path):  # no other save is in flight: we hold the save lock
+            stale.unlink(missing_ok=True)
+        index.save(path)
+
+    def _save_rebuilt(self, index: "VectorIndex") -> None:
+        """Save an index rebuilt from the catalog, if it is still current.
+
+        Readers (``search``) rebuild too, possibly while a writer runs. The
+        index file and its sidecar are two renames, so every save holds the
+        save lock (never a reader+writer mix of the two files), and a rebuild
+        that a writer's commit has since outdated is not saved at all. A home
+        we cannot write to (read-only media) keeps the rebuild in memory.
+        """
+        try:
+            with self.save_lock():
+                if self.catalog.generation(index.kind) == index.generation:
+                    self._save(index)
+        except (OSError, RuntimeError):  # RuntimeError: FAISS's own write errors
+            pass
+
+    @contextmanager
+    def save_lock(self) -> Iterator[None]:
+        """Held for the few renames of an index save; blocking, never for long."""
+        fd = os.open(self.settings.home / "index.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
 
     # -- writers ------------------------------------------------------------
 

@@ -13,7 +13,7 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -124,6 +124,22 @@ def sidecar_path(path: Path) -> Path:
     return path.with_name(path.name + ".json")
 
 
+def temp_files(path: Path) -> list[Path]:
+    """Temp files of saves of ``path`` (and its sidecar); stale unless a save is in flight."""
+    if not path.parent.is_dir():
+        return []
+    return sorted(path.parent.glob(f".{path.name}.*.tmp"))  # the sidecar's too: .NAME.json.*.tmp
+
+
+def sidecar_is_current(path: Path, generation: int, dim: int, model: str) -> bool:
+    """Whether the sidecar says the index at ``path`` reflects this catalog state (reads only the sidecar)."""
+    try:
+        meta = json.loads(sidecar_path(path).read_text())
+        return path.exists() and (meta["generation"], meta["dim"], meta["model"]) == (generation, dim, model)
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
 def _atomic_write(path: Path, write: Any) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
@@ -151,8 +167,19 @@ def build_from_catalog(catalog: Catalog, kind: Kind, dim: int, model: str) -> Ve
     return index
 
 
-def open_index(catalog: Catalog, path: Path, kind: Kind, dim: int, model: str) -> VectorIndex:
-    """The index at ``path`` if it reflects the catalog now, else one rebuilt (and saved)."""
+def open_index(
+    catalog: Catalog,
+    path: Path,
+    kind: Kind,
+    dim: int,
+    model: str,
+    on_rebuild: Callable[[VectorIndex], None] | None = None,
+) -> VectorIndex:
+    """The index at ``path`` if it reflects the catalog now, else one rebuilt.
+
+    A rebuilt index is handed to ``on_rebuild`` (which decides whether it is
+    safe to save it), or saved to ``path`` when none is given.
+    """
     generation = catalog.generation(kind)
     if path.exists() and sidecar_path(path).exists():
         try:
@@ -167,5 +194,8 @@ def open_index(catalog: Catalog, path: Path, kind: Kind, dim: int, model: str) -
         ):
             return index
     index = build_from_catalog(catalog, kind, dim, model)
-    index.save(path)
+    if on_rebuild is None:
+        index.save(path)
+    else:
+        on_rebuild(index)
     return index

@@ -185,6 +185,7 @@ def index_paths(
         states = home.catalog.image_states(prefixes=root_paths)
         todo, report.unchanged, vanished = plan(entries, states, unlisted)
         if not todo and not vanished:
+            home.ensure_index_current("image")  # a killed run may have left it stale
             report.seconds = time.perf_counter() - started
             return report
 

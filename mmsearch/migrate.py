@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import fcntl
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from importlib import resources
 from pathlib import Path
 
@@ -44,9 +48,32 @@ def current_revision(engine: Engine) -> str | None:
 def upgrade(engine: Engine) -> None:
     """Bring the catalog to the newest schema; a no-op (one query) when it is there."""
     head = head_revision()
-    current = current_revision(engine)
-    if current == head:
+    if current_revision(engine) == head:
         return
+    with _migration_lock(engine):
+        # two processes opening a new catalog at once (an `index` and a `search`):
+        # the second waits here, then finds the work done
+        current = current_revision(engine)
+        if current != head:
+            _upgrade(engine, current)
+
+
+@contextmanager
+def _migration_lock(engine: Engine) -> Iterator[None]:
+    """An exclusive lock (a file beside the catalog) for the time of a migration."""
+    database = engine.url.database
+    if not database or database == ":memory:":
+        yield
+        return
+    fd = os.open(f"{database}-migrate.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _upgrade(engine: Engine, current: str | None) -> None:
     from alembic import command
     from alembic.script import ScriptDirectory
 

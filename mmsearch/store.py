@@ -8,6 +8,7 @@ the FAISS index can always be rebuilt from the catalog alone.
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -18,8 +19,8 @@ import numpy as np
 from sqlalchemy import (
     LargeBinary,
     MetaData,
-    String,
     bindparam,
+    String,
     create_engine,
     delete,
     event,
@@ -115,6 +116,37 @@ def from_blobs(blobs: Sequence[bytes], dim: int) -> np.ndarray:
     return np.frombuffer(b"".join(blobs), dtype="<f4").reshape(len(blobs), dim).astype(np.float32)
 
 
+# -- file paths in the catalog ------------------------------------------------
+# A POSIX file name is bytes; Python shows the bytes that are not UTF-8 as lone
+# surrogates (U+DC80..U+DCFF), which SQLite text cannot hold. The catalog stores
+# each such byte as NUL + two hex digits: NUL never occurs in a path, so the
+# mapping is reversible, and every UTF-8 path is stored unchanged.
+_ESCAPED_BYTE = re.compile("\x00([0-9a-f]{2})")
+
+
+def path_to_db(path: str) -> str:
+    """The catalog's text for a file path (see above)."""
+    try:
+        path.encode("utf-8")
+        return path
+    except UnicodeEncodeError:
+        return "".join(f"\x00{ord(c) - 0xDC00:02x}" if "\udc80" <= c <= "\udcff" else c for c in path)
+
+
+def path_from_db(text: str) -> str:
+    """The file path (as ``os`` functions take it) of the catalog's text."""
+    if "\x00" not in text:
+        return text
+    return _ESCAPED_BYTE.sub(lambda m: chr(0xDC00 + int(m.group(1), 16)), text)
+
+
+def _with_db_path(row: dict[str, Any]) -> dict[str, Any]:
+    path = row.get("path")
+    if path is None or path_to_db(path) is path:
+        return row
+    return {**row, "path": path_to_db(path)}
+
+
 def _set_sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor = dbapi_connection.cursor()
     cursor.execute("PRAGMA journal_mode=WAL")
@@ -186,7 +218,7 @@ class Catalog:
         stmt = select(ImageRow.path, ImageRow.id, ImageRow.size, ImageRow.mtime_ns, ImageRow.content_hash)
         with self.engine.connect() as conn:
             rows = conn.execute(stmt).all()
-        states = {r[0]: ImageState(r[1], r[2], r[3], r[4]) for r in rows}
+        states = {path_from_db(r[0]): ImageState(r[1], r[2], r[3], r[4]) for r in rows}
         if prefixes is None:
             return states
         roots = tuple(prefixes)
@@ -221,11 +253,12 @@ class Catalog:
         One transaction; returns the ids given to the new rows, in order.
         """
         now = time.time()
+        new, changed = [_with_db_path(r) for r in new], [_with_db_path(r) for r in changed]
         with self.engine.begin() as conn:
             if removed_ids:
                 _delete_ids(conn, ImageRow, removed_ids)
             if changed:
-                _update_by_id(conn, ImageRow, [{**row, "indexed_at": now} for row in changed])
+                _update_rows(conn, ImageRow, changed, now)
             ids = []
             if new:
                 result = conn.execute(
@@ -238,7 +271,7 @@ class Catalog:
         return ids
 
     def image_paths(self, ids: Sequence[int]) -> dict[int, str]:
-        return dict(self._lookup(ImageRow.id, ImageRow.path, ids))
+        return {i: path_from_db(p) for i, p in self._lookup(ImageRow.id, ImageRow.path, ids)}
 
     # -- texts --------------------------------------------------------------
 
@@ -256,7 +289,7 @@ class Catalog:
         now = time.time()
         with self.engine.begin() as conn:
             if changed:
-                _update_by_id(conn, TextRow, [{**row, "indexed_at": now} for row in changed])
+                _update_rows(conn, TextRow, changed, now)
             ids = []
             if new:
                 result = conn.execute(
@@ -327,15 +360,17 @@ class Catalog:
         return rows
 
 
-def _update_by_id(conn: Any, table: Any, rows: Sequence[dict[str, Any]]) -> None:
-    """Update each row by its ``id``, as one executemany."""
-    columns = [c for c in rows[0] if c != "id"]
-    stmt = (
-        update(table)
-        .where(table.id == bindparam("row_id"))
-        .values({c: bindparam(c) for c in columns})
+def _update_rows(conn: Any, table: Any, rows: Sequence[dict[str, Any]], now: float) -> None:
+    """Update each row by its ``id``.
+
+    A Core ``update(table)`` with a list of rows but no WHERE clause updates
+    *every* row (setting ``id`` too); only the ORM session adds the primary key
+    clause by itself. So the WHERE is explicit here.
+    """
+    stmt = update(table).where(table.id == bindparam("row_id"))
+    conn.execute(
+        stmt, [{"row_id": row["id"], **{k: v for k, v in row.items() if k != "id"}, "indexed_at": now} for row in rows]
     )
-    conn.execute(stmt, [{"row_id": row["id"], **{c: row[c] for c in columns}} for row in rows])
 
 
 def _delete_ids(conn: Any, table: Any, ids: Sequence[int]) -> None:
