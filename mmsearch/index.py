@@ -142,6 +142,7 @@ def sidecar_is_current(path: Path, generation: int, dim: int, model: str) -> boo
 
 def _atomic_write(path: Path, write: Any) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.fchmod(fd, 0o644)  # mkstemp's 0600 would hide the index from others sharing the home
     os.close(fd)
     try:
         write(tmp)

@@ -146,4 +146,5 @@ def test_index_files_are_written_atomically(tmp_path: Path, monkeypatch: pytest.
         assert ("fsync", tmp) in events[:i]  # data on disk before the rename
         assert events[i + 1] == ("fsync", str(tmp_path))  # the rename itself made durable
     assert VectorIndex.load(target).count == 2
+    assert target.stat().st_mode & 0o777 == 0o644  # readable by others sharing the home, like the catalog
     assert sorted(p.name for p in tmp_path.iterdir()) == ["images.faiss", "images.faiss.json"]
