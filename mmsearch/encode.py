@@ -194,6 +194,24 @@ class Encoder:
             features = self.model.encode_image(pixels.to(self.device), normalize=True)
         return features.float().cpu().numpy().astype(np.float32, copy=False)
 
+    def embed_images_with_tokens(self, pixels: "torch.Tensor") -> tuple[np.ndarray, np.ndarray]:
+        """Like :meth:`embed_images`, plus each image's patch tokens for the re-ranker.
+
+        Tokens are the vision tower's final states after ``ln_post``, projected
+        into the shared embedding space: float16, shape (N, patches, dim).
+        """
+        import torch
+
+        from mmsearch.rerank import image_token_states
+
+        with torch.inference_mode():
+            pooled, tokens = image_token_states(self.model, pixels.to(self.device))
+            pooled = torch.nn.functional.normalize(pooled.float(), dim=-1)
+        return (
+            pooled.cpu().numpy().astype(np.float32, copy=False),
+            tokens.to(torch.float16).cpu().numpy(),
+        )
+
     def tokenize(self, texts: Sequence[str]) -> "torch.Tensor":
         return self.tokenizer(list(texts))
 
