@@ -212,7 +212,7 @@ def _train_dual(
     no_decay = [p for p in model.parameters() if p.ndim < 2]
     opt = torch.optim.AdamW(
         [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=lr, betas=(0.9, 0.98), eps=1e-6,
+        lr=lr, betas=(0.9, 0.98), eps=1e-6, foreach=True,
     )
     warmup = max(1, min(100, total // 10))
     sched = torch.optim.lr_scheduler.LambdaLR(
