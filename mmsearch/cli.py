@@ -233,7 +233,7 @@ def train(
         help="Start from this model spec, or 'small': the shipped small architecture, trained from scratch.",
     ),
     epochs: int = typer.Option(30, "--epochs", metavar="N", help="Dual-encoder epochs."),
-    rerank_epochs: int = typer.Option(6, "--rerank-epochs", metavar="N", help="Re-ranker epochs."),
+    rerank_epochs: int = typer.Option(2, "--rerank-epochs", metavar="N", help="Re-ranker epochs."),
     batch: int = typer.Option(128, "--train-batch", metavar="N", help="Pairs per contrastive batch."),
     lr: Optional[float] = typer.Option(None, "--lr", help="Learning rate (default 1e-3 from scratch, 1e-5 from a base)."),
     seed: int = typer.Option(0, "--seed", help="Seed for the split, the order and the initialisation."),

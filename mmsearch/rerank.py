@@ -87,32 +87,39 @@ def text_token_states(model: Any, tokens: torch.Tensor) -> tuple[torch.Tensor, t
 
 
 class CrossAttentionScorer(nn.Module):
-    """Text tokens attend over image patch tokens; returns one correction per pair."""
+    """Text tokens attend over image patch tokens; returns one correction per pair.
 
-    def __init__(self, dim: int, width: int = 64, heads: int = 4):
+    Attention runs in the frozen encoder's shared space: each text token's
+    cosine similarities to the patches, softmax-weighted with a learned
+    temperature, give three read-outs per token (best patch, mean, attended);
+    a small MLP and a masked mean over the text turn them into one number.
+    There are deliberately no learned query/key projections: with them the
+    module memorised the training captions and lowered Recall@1 on held-out
+    ones (measured on the emoji set, see the README), while this form cannot
+    learn caption identities and transfers to unseen texts.
+    """
+
+    def __init__(self, dim: int, hidden: int = 16):
         super().__init__()
-        self.config = {"dim": dim, "width": width, "heads": heads}
-        self.text_in = nn.Linear(dim, width)
-        self.image_in = nn.Linear(dim, width)
-        self.ln_text = nn.LayerNorm(width)
-        self.ln_image = nn.LayerNorm(width)
-        self.attn = nn.MultiheadAttention(width, heads, batch_first=True)
-        self.mlp = nn.Sequential(nn.Linear(3 * width, 2 * width), nn.GELU(), nn.Linear(2 * width, width))
-        self.ln_out = nn.LayerNorm(width)
-        self.head = nn.Linear(width, 1)
+        self.config = {"dim": dim, "hidden": hidden}
+        self.log_temperature = nn.Parameter(torch.tensor(float(np.log(10.0))))
+        self.mlp = nn.Sequential(nn.Linear(3, hidden), nn.GELU(), nn.Linear(hidden, hidden))
+        self.head = nn.Linear(hidden, 1)
         # the correction starts at exactly zero: untrained == dual encoder alone
         nn.init.zeros_(self.head.weight)
         nn.init.zeros_(self.head.bias)
 
     def forward(self, text: torch.Tensor, text_mask: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
         """text (B, L, dim), text_mask (B, L) bool, image (B, P, dim) -> (B,) corrections."""
-        q = self.ln_text(self.text_in(text.float()))
-        kv = self.ln_image(self.image_in(image.float()))
-        attended, _ = self.attn(q, kv, kv, need_weights=False)
-        h = self.mlp(torch.cat([q, attended, q * attended], dim=-1))
+        t = nn.functional.normalize(text.float(), dim=-1)
+        p = nn.functional.normalize(image.float(), dim=-1)
+        sim = t @ p.transpose(1, 2)  # (B, L, P)
+        attention = (sim * self.log_temperature.exp()).softmax(dim=-1)
+        features = torch.stack([sim.max(dim=-1).values, sim.mean(dim=-1), (attention * sim).sum(dim=-1)], dim=-1)
+        h = self.mlp(features)
         m = text_mask.unsqueeze(-1).to(h.dtype)
         pooled = (h * m).sum(dim=1) / m.sum(dim=1).clamp(min=1.0)
-        return self.head(self.ln_out(pooled)).squeeze(-1)
+        return self.head(pooled).squeeze(-1)
 
 
 def save_scorer(scorer: CrossAttentionScorer, folder: Path, info: dict[str, Any] | None = None) -> None:
@@ -129,7 +136,7 @@ def load_scorer(folder: Path, device: str = "cpu") -> CrossAttentionScorer:
 
     try:
         config = json.loads((folder / RERANKER_CONFIG).read_text())
-        scorer = CrossAttentionScorer(int(config["dim"]), int(config["width"]), int(config["heads"]))
+        scorer = CrossAttentionScorer(int(config["dim"]), int(config["hidden"]))
         scorer.load_state_dict(load_file(folder / RERANKER_WEIGHTS))
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

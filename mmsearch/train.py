@@ -48,9 +48,10 @@ class TrainOptions:
     lr: float | None = None  # default: 1e-3 from scratch, 1e-5 from a pretrained base
     seed: int = 0
     val_fraction: float = 0.1
-    rerank_epochs: int = 6
+    rerank_epochs: int = 2
     negatives: int = 15
     mine_k: int = 50
+    dual_dropout: float = 0.0  # share of re-ranker training queries that see no dual score
     device: str = "cpu"
 
 
@@ -224,8 +225,12 @@ def _train_dual(
     start = _load_checkpoint(ckpt, model, opt, expect)
     if start:
         say(f"resuming from the checkpoint after epoch {start}/{opts.epochs}")
-        for _ in range(start * steps):
-            sched.step()
+        import warnings
+
+        with warnings.catch_warnings():  # fast-forwarding the schedule steps it before any optimiser step
+            warnings.simplefilter("ignore", UserWarning)
+            for _ in range(start * steps):
+                sched.step()
     image_t = torch.from_numpy(image_of)
     text_t = torch.from_numpy(text_of)
     bar = tqdm(total=total, initial=start * steps, unit="step", disable=not progress, file=sys.stderr,
@@ -345,8 +350,8 @@ def _train_reranker(
                     frozen["tok"][i_idx].to(opts.device),
                 ).view(cands.shape)
                 dual = torch.from_numpy(np.take_along_axis(scores[queries], cands, axis=1)).to(corr.device)
-                # half the queries see no dual score, so the correction must learn to tell pairs apart itself
-                keep = torch.from_numpy(rng.random((len(queries), 1)) < 0.5).to(corr.device).float()
+                # with dual_dropout, some queries see no dual score: the correction must tell pairs apart alone
+                keep = torch.from_numpy(rng.random((len(queries), 1)) >= opts.dual_dropout).to(corr.device).float()
                 logits = scale * (keep * dual + corr)
                 loss = F.cross_entropy(logits, torch.zeros(len(queries), dtype=torch.long, device=corr.device))
                 opt.zero_grad(set_to_none=True)
