@@ -258,10 +258,8 @@ def real_length(tokens: "torch.Tensor") -> int:
     return int(tokens.argmax(dim=-1).max().item()) + 1
 
 
-def _encode_text_truncated(model: Any, tokens: "torch.Tensor") -> "torch.Tensor":
-    import torch
-    from open_clip.transformer import text_global_pool
-
+def text_states_after_ln(model: Any, tokens: "torch.Tensor") -> tuple["torch.Tensor", "torch.Tensor"]:
+    """Per-token states after ``ln_final`` of a batch cut at its real length, and the cut tokens."""
     tower = _text_tower(model)
     length = real_length(tokens)
     tokens = tokens[:, :length]
@@ -269,7 +267,15 @@ def _encode_text_truncated(model: Any, tokens: "torch.Tensor") -> "torch.Tensor"
     x = tower.token_embedding(tokens).to(cast_dtype)
     x = x + tower.positional_embedding[:length].to(cast_dtype)
     x = tower.transformer(x, attn_mask=tower.attn_mask[:length, :length])
-    x = tower.ln_final(x)
+    return tower.ln_final(x), tokens
+
+
+def _encode_text_truncated(model: Any, tokens: "torch.Tensor") -> "torch.Tensor":
+    import torch
+    from open_clip.transformer import text_global_pool
+
+    tower = _text_tower(model)
+    x, tokens = text_states_after_ln(model, tokens)
     x = text_global_pool(x, tokens, "argmax")
     projection = tower.text_projection
     if projection is not None:

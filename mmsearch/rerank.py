@@ -63,21 +63,15 @@ def text_token_states(model: Any, tokens: torch.Tensor) -> tuple[torch.Tensor, t
 
     The batch runs at its real length (up to the last end-of-text token).
     """
-    from mmsearch.encode import _supports_truncation, _text_tower, real_length
+    from mmsearch.encode import _supports_truncation, _text_tower, text_states_after_ln
 
     if not _supports_truncation(model):
         raise RerankerUnavailableError("re-ranking needs a CLIP-style causal text tower")
-    tower = _text_tower(model)
-    length = real_length(tokens)
-    tokens = tokens[:, :length]
-    cast_dtype = tower.transformer.get_cast_dtype()
-    x = tower.token_embedding(tokens).to(cast_dtype)
-    x = x + tower.positional_embedding[:length].to(cast_dtype)
-    x = tower.transformer(x, attn_mask=tower.attn_mask[:length, :length])
-    x = tower.ln_final(x)
-    projection = tower.text_projection
+    x, tokens = text_states_after_ln(model, tokens)
+    projection = _text_tower(model).text_projection
     if projection is not None:
         x = projection(x) if isinstance(projection, nn.Linear) else x @ projection
+    length = tokens.shape[1]
     positions = torch.arange(length, device=tokens.device)
     mask = positions[None, :] <= tokens.argmax(dim=-1)[:, None]
     return x, mask
