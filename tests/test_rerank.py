@@ -104,3 +104,18 @@ def test_rerank_errors_are_one_line(tiny_model: Path, untrained_rerank_model: Pa
     assert run(home, untrained_rerank_model, "index", str(photo_dir), "--quiet").exit_code == 0
     result = run(home, untrained_rerank_model, "search", "red + blue", "--rerank")
     assert result.exit_code != 0 and "plain text query" in result.stderr
+
+
+def test_scorer_save_load_round_trip(tmp_path: Path) -> None:
+    from mmsearch.rerank import RERANKER_WEIGHTS, load_scorer
+
+    torch.manual_seed(1)
+    scorer = CrossAttentionScorer(16)
+    torch.nn.init.normal_(scorer.head.weight)  # as if trained: non-zero corrections
+    save_scorer(scorer, tmp_path)
+    assert (tmp_path / RERANKER_WEIGHTS).read_bytes()[:8] != b"\x80\x02\x8a\x0a"  # safetensors, not a pickle
+    loaded = load_scorer(tmp_path)
+    args = (torch.randn(3, 5, 16), torch.ones(3, 5, dtype=torch.bool), torch.randn(3, 4, 16))
+    with torch.no_grad():
+        assert torch.equal(scorer.eval()(*args), loaded(*args))
+        assert not torch.equal(loaded(*args), torch.zeros(3))
