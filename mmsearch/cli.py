@@ -177,13 +177,22 @@ def search(
     texts: bool = typer.Option(False, "--texts", "-t", help="Return texts instead of images."),
     top_k: int = typer.Option(10, "--top-k", "-k", metavar="N", help="How many results."),
     as_json: bool = typer.Option(False, "--json", help="One JSON object per result line, best first."),
+    rerank: bool = typer.Option(
+        False, "--rerank", help="Re-score the best candidates with the model's cross-attention re-ranker."
+    ),
+    rerank_k: int = typer.Option(50, "--rerank-k", metavar="K", help="How many candidates --rerank re-scores."),
 ) -> None:
     """Find images (or with --texts, texts) by a text query and/or an example image."""
     from mmsearch.home import Home
     from mmsearch.search import search as run_search
 
+    if rerank and rerank_k < 1:
+        raise typer.BadParameter(f"must be at least 1, got {rerank_k}", param_hint="--rerank-k")
     with Home.open(settings_of(ctx), create=False) as home:
-        hits = run_search(home, query, image=image, target="text" if texts else "image", k=top_k)
+        hits = run_search(
+            home, query, image=image, target="text" if texts else "image", k=top_k,
+            rerank_k=rerank_k if rerank else 0,
+        )
     if as_json:
         for hit in hits:
             echo_json(hit.as_dict())
@@ -246,6 +255,82 @@ def check(
             typer.echo("run `mmsearch check --repair` to rebuild the indexes from the catalog")
     if not report.ok:
         raise typer.Exit(1)
+
+
+@app.command()
+@handle_errors
+def train(
+    ctx: typer.Context,
+    pairs: Path = typer.Argument(..., metavar="PAIRS", help="JSONL or CSV with 'image' (relative to the file) and 'text'."),
+    out: Path = typer.Option(..., "--out", "-o", metavar="DIR", help="Model folder to write (usable as --model DIR)."),
+    base: str = typer.Option(
+        "small", "--base", metavar="SPEC",
+        help="Start from this model spec, or 'small': the shipped small architecture, trained from scratch.",
+    ),
+    epochs: int = typer.Option(30, "--epochs", metavar="N", help="Dual-encoder epochs."),
+    rerank_epochs: int = typer.Option(2, "--rerank-epochs", metavar="N", help="Re-ranker epochs."),
+    batch: int = typer.Option(128, "--train-batch", metavar="N", help="Pairs per contrastive batch."),
+    lr: Optional[float] = typer.Option(None, "--lr", help="Learning rate (default 1e-3 from scratch, 1e-5 from a base)."),
+    seed: int = typer.Option(0, "--seed", help="Seed for the split, the order and the initialisation."),
+    val_fraction: float = typer.Option(0.1, "--val-fraction", help="Share of texts held out for validation."),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as one JSON object."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
+) -> None:
+    """Train a dual encoder and a re-ranker on image–caption pairs; resumes an interrupted run."""
+    import torch
+
+    from mmsearch.encode import resolve_device
+    from mmsearch.train import TrainOptions, train as run_train
+
+    settings = settings_of(ctx)
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    opts = TrainOptions(
+        pairs=pairs, out=out, base=base, epochs=epochs, batch_size=batch, lr=lr, seed=seed,
+        val_fraction=val_fraction, rerank_epochs=rerank_epochs, device=resolve_device(settings.device),
+    )
+    report = run_train(opts, progress=not quiet, say=warn)
+    if as_json:
+        echo_json(report.as_dict())
+        return
+    for name, val in (("dual encoder", report.val_dual), ("with re-ranker", report.val_rerank)):
+        t2i, i2t = val["text_to_image"], val["image_to_text"]
+        typer.echo(
+            f"validation {name:15s} text→image R@1 {t2i['R@1']:.3f} R@5 {t2i['R@5']:.3f} R@10 {t2i['R@10']:.3f}"
+            f" | image→text R@1 {i2t['R@1']:.3f} R@5 {i2t['R@5']:.3f} R@10 {i2t['R@10']:.3f}"
+        )
+    typer.echo(f"{report.message}; model written to {report.out} ({report.seconds:.0f} s)")
+
+
+@app.command("eval")
+@handle_errors
+def evaluate(
+    ctx: typer.Context,
+    pairs: Path = typer.Argument(..., metavar="PAIRS", help="JSONL or CSV with 'image' (relative to the file) and 'text'."),
+    model: Optional[str] = typer.Option(None, "--model", metavar="SPEC", help="Model to evaluate (overrides the global --model)."),
+    rerank: bool = typer.Option(False, "--rerank", help="Re-score each query's best candidates with the re-ranker."),
+    rerank_k: int = typer.Option(50, "--rerank-k", metavar="K", help="How many candidates --rerank re-scores."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
+) -> None:
+    """Recall@1/5/10 of text→image and image→text retrieval on a pair file (temporary index)."""
+    import dataclasses
+
+    from mmsearch.evaluate import evaluate as run_eval
+
+    settings = settings_of(ctx)
+    if model is not None:
+        settings = dataclasses.replace(settings, model=model)
+    result = run_eval(
+        pairs, settings, rerank=rerank, rerank_k=rerank_k, progress=not quiet,
+        on_skip=lambda path, reason: warn(f"skipped {show_path(path)}: {reason}"),
+    )
+    if as_json:
+        echo_json(result)
+        return
+    typer.echo(f"{result['images']} images, {result['texts']} texts, rerank: {'yes' if rerank else 'no'}")
+    for key, name in (("text_to_image", "text→image"), ("image_to_text", "image→text")):
+        r = result[key]
+        typer.echo(f"{name}  R@1 {r['R@1']:.3f}  R@5 {r['R@5']:.3f}  R@10 {r['R@10']:.3f}")
 
 
 def _size(n: int) -> str:

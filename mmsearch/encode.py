@@ -207,6 +207,24 @@ class Encoder:
             features = self.model.encode_image(pixels.to(self.device), normalize=True)
         return features.float().cpu().numpy().astype(np.float32, copy=False)
 
+    def embed_images_with_tokens(self, pixels: "torch.Tensor") -> tuple[np.ndarray, np.ndarray]:
+        """Like :meth:`embed_images`, plus each image's patch tokens for the re-ranker.
+
+        Tokens are the vision tower's final states after ``ln_post``, projected
+        into the shared embedding space: float16, shape (N, patches, dim).
+        """
+        import torch
+
+        from mmsearch.rerank import image_token_states
+
+        with torch.inference_mode():
+            pooled, tokens = image_token_states(self.model, pixels.to(self.device))
+            pooled = torch.nn.functional.normalize(pooled.float(), dim=-1)
+        return (
+            pooled.cpu().numpy().astype(np.float32, copy=False),
+            tokens.to(torch.float16).cpu().numpy(),
+        )
+
     def tokenize(self, texts: Sequence[str]) -> "torch.Tensor":
         return self.tokenizer(list(texts))
 
@@ -253,10 +271,8 @@ def real_length(tokens: "torch.Tensor") -> int:
     return int(tokens.argmax(dim=-1).max().item()) + 1
 
 
-def _encode_text_truncated(model: Any, tokens: "torch.Tensor") -> "torch.Tensor":
-    import torch
-    from open_clip.transformer import text_global_pool
-
+def text_states_after_ln(model: Any, tokens: "torch.Tensor") -> tuple["torch.Tensor", "torch.Tensor"]:
+    """Per-token states after ``ln_final`` of a batch cut at its real length, and the cut tokens."""
     tower = _text_tower(model)
     length = real_length(tokens)
     tokens = tokens[:, :length]
@@ -264,7 +280,15 @@ def _encode_text_truncated(model: Any, tokens: "torch.Tensor") -> "torch.Tensor"
     x = tower.token_embedding(tokens).to(cast_dtype)
     x = x + tower.positional_embedding[:length].to(cast_dtype)
     x = tower.transformer(x, attn_mask=tower.attn_mask[:length, :length])
-    x = tower.ln_final(x)
+    return tower.ln_final(x), tokens
+
+
+def _encode_text_truncated(model: Any, tokens: "torch.Tensor") -> "torch.Tensor":
+    import torch
+    from open_clip.transformer import text_global_pool
+
+    tower = _text_tower(model)
+    x, tokens = text_states_after_ln(model, tokens)
     x = text_global_pool(x, tokens, "argmax")
     projection = tower.text_projection
     if projection is not None:

@@ -53,3 +53,7 @@ class InputFileError(MmsearchError):
 
 class EmptyIndexError(MmsearchError):
     """A search on a home that holds nothing of the kind asked for."""
+
+
+class RerankerUnavailableError(MmsearchError):
+    """Re-ranking asked of a model that has no (loadable) re-ranker."""

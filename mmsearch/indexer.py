@@ -208,7 +208,10 @@ def _encode_files(
     import torch
     from tqdm import tqdm
 
+    from mmsearch.rerank import token_sink
+
     encoder = home.encoder()
+    tokens = token_sink(home, encoder)  # None unless the model has a re-ranker
     known = home.catalog.known_hashes()
     settings = home.settings
 
@@ -220,7 +223,12 @@ def _encode_files(
     def encode_batch() -> None:
         if not batch:
             return
-        vectors = encoder.embed_images(torch.stack([d.pixels for d in batch]))
+        pixels = torch.stack([d.pixels for d in batch])
+        if tokens is None:
+            vectors = encoder.embed_images(pixels)
+        else:
+            vectors, states = encoder.embed_images_with_tokens(pixels)
+            tokens.add([d.content_hash for d in batch], states)
         for item, vector in zip(batch, vectors):
             writer.put(_Ready(item.entry, item.content_hash, item.width, item.height, vector))
             known.add(item.content_hash)

@@ -123,8 +123,13 @@ def search(
     image: Path | None = None,
     target: Kind = "image",
     k: int = 10,
+    rerank_k: int = 0,
 ) -> list[Hit]:
-    """The ``k`` best images (or texts) for a text query and/or an example image."""
+    """The ``k`` best images (or texts) for a text query and/or an example image.
+
+    With ``rerank_k``, the best ``rerank_k`` candidates are re-scored by the
+    model's cross-attention re-ranker (see :mod:`mmsearch.rerank`).
+    """
     if k < 1:
         raise UsageError(f"--top-k must be at least 1, got {k}")
     if home.catalog.count(target) == 0:
@@ -132,6 +137,11 @@ def search(
         hint = "mmsearch index FOLDER" if target == "image" else "mmsearch add-texts FILE"
         raise EmptyIndexError(f"no {what} in {home.settings.home} yet; run `{hint}` first")
     vector = query_vector(home, query, image)
+    if rerank_k > 0:
+        from mmsearch.rerank import rerank_hits
+
+        hits = nearest(home, vector, target, max(k, rerank_k))
+        return rerank_hits(home, query, image, target, hits, k, rerank_k)
     return nearest(home, vector, target, k)
 
 

@@ -273,6 +273,9 @@ class Catalog:
     def image_paths(self, ids: Sequence[int]) -> dict[int, str]:
         return {i: path_from_db(p) for i, p in self._lookup(ImageRow.id, ImageRow.path, ids)}
 
+    def image_hashes(self, ids: Sequence[int]) -> dict[int, str]:
+        return dict(self._lookup(ImageRow.id, ImageRow.content_hash, ids))
+
     # -- texts --------------------------------------------------------------
 
     def text_states(self, keys: Sequence[str]) -> dict[str, tuple[int, str]]:

@@ -1,0 +1,175 @@
+"""Evaluation: Recall@K of text→image and image→text retrieval on a pair file.
+
+A text's positives are the images paired with that text; an image's positives
+are its texts. The pairs' images and texts are indexed into a temporary home
+with the normal pipeline (so re-ranking reads the token store written at
+index time), then every text and every image is used as a query.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mmsearch.errors import UsageError
+from mmsearch.pairs import group, read_pairs
+from mmsearch.settings import Settings
+
+KS = (1, 5, 10)
+#: corrections(query indices (B,), candidate indices (B, K)) -> (B, K) re-ranker corrections
+Corrections = Callable[[np.ndarray, np.ndarray], np.ndarray]
+
+
+def positive_ranks(
+    scores: np.ndarray, positives: np.ndarray, corrections: Corrections | None = None, rerank_k: int = 50,
+    chunk: int = 32,
+) -> np.ndarray:
+    """0-based rank of each query's best-placed positive (``len`` if it has none).
+
+    ``scores`` (Q, N) are dual-encoder scores, ``positives`` a (Q, N) bool
+    matrix. With ``corrections``, each query's top ``rerank_k`` candidates are
+    re-ordered by score + correction; the rest keep their places.
+    """
+    q_count, n = scores.shape
+    ranks = np.full(q_count, n, dtype=np.int64)
+    k = min(rerank_k, n)
+    for start in range(0, q_count, chunk):
+        rows = np.arange(start, min(q_count, start + chunk))
+        order = np.argsort(-scores[rows], axis=1, kind="stable")
+        if corrections is not None and k > 0:
+            top = order[:, :k]
+            final = np.take_along_axis(scores[rows], top, axis=1) + corrections(rows, top)
+            order[:, :k] = np.take_along_axis(top, np.argsort(-final, axis=1, kind="stable"), axis=1)
+        hit = np.take_along_axis(positives[rows], order, axis=1)
+        found = hit.any(axis=1)
+        ranks[rows[found]] = hit[found].argmax(axis=1)
+    return ranks
+
+
+def recalls(ranks: np.ndarray, ks: tuple[int, ...] = KS) -> dict[str, float]:
+    if len(ranks) == 0:
+        return {f"R@{k}": 0.0 for k in ks}
+    return {f"R@{k}": round(float(np.mean(ranks < k)), 4) for k in ks}
+
+
+def scorer_corrections(
+    scorer: Any, text_states: Any, text_mask: Any, image_tokens: Any, text_queries: bool, batch: int = 2048
+) -> Corrections:
+    """A :data:`Corrections` over precomputed token states (torch tensors, indexed by row).
+
+    ``text_queries``: queries index texts and candidates images, else the reverse.
+    """
+    import torch
+
+    def run(rows: np.ndarray, cands: np.ndarray) -> np.ndarray:
+        q = np.repeat(rows, cands.shape[1])
+        c = cands.reshape(-1)
+        t_idx, i_idx = (q, c) if text_queries else (c, q)
+        out = []
+        with torch.inference_mode():
+            for s in range(0, len(t_idx), batch):
+                t = torch.from_numpy(t_idx[s:s + batch])
+                i = torch.from_numpy(i_idx[s:s + batch])
+                out.append(scorer(text_states[t], text_mask[t], image_tokens[i]).float().cpu().numpy())
+        return np.concatenate(out).reshape(cands.shape)
+
+    return run
+
+
+def text_states_padded(model: Any, tokenizer: Any, texts: list[str], device: str, batch: int = 256) -> tuple[Any, Any]:
+    """Token states (N, L, dim) float32 and masks (N, L) of many texts, padded to one length."""
+    import torch
+
+    from mmsearch.rerank import text_token_states
+
+    states, masks = [], []
+    with torch.inference_mode():
+        for s in range(0, len(texts), batch):
+            x, m = text_token_states(model, tokenizer(texts[s:s + batch]).to(device))
+            states.append(x.float().cpu())
+            masks.append(m.cpu())
+    length = max(x.shape[1] for x in states)
+    states = [torch.nn.functional.pad(x, (0, 0, 0, length - x.shape[1])) for x in states]
+    masks = [torch.nn.functional.pad(m, (0, length - m.shape[1])) for m in masks]
+    return torch.cat(states), torch.cat(masks)
+
+
+def evaluate(
+    pairs_path: Path, settings: Settings, *, rerank: bool = False, rerank_k: int = 50, progress: bool = True,
+    on_skip: Callable[[str, str], None] | None = None,
+) -> dict[str, Any]:
+    """Recall@1/5/10 both ways for the model in ``settings`` on a pair file (temporary home)."""
+    from mmsearch.home import Home
+    from mmsearch.indexer import index_paths
+    from mmsearch.texts import add_texts
+
+    if rerank_k < 1:
+        raise UsageError(f"--rerank-k must be at least 1, got {rerank_k}")
+    pairs = read_pairs(pairs_path)
+    images, texts, links = group(pairs)
+    with tempfile.TemporaryDirectory(prefix="mmsearch-eval-") as tmp:
+        temp = dataclasses.replace(settings, home=Path(tmp) / "home")
+        with Home.open(temp) as home:
+            index_paths(home, [str(p) for p in images], progress=progress, on_skip=on_skip)
+            corpus = Path(tmp) / "texts.jsonl"
+            corpus.write_text("".join(json.dumps({"id": f"t{j}", "text": t}) + "\n" for j, t in enumerate(texts)))
+            add_texts(home, corpus, progress=progress)
+            return _score(home, images, texts, links, rerank, rerank_k)
+
+
+def _score(home: Any, images: list[Path], texts: list[str], links: list[tuple[int, int]], rerank: bool, rerank_k: int) -> dict[str, Any]:
+    import torch
+
+    catalog = home.catalog
+    states = catalog.image_states()
+    by_path = {os.path.realpath(p): s for p, s in states.items()}
+    kept = [i for i, p in enumerate(images) if os.path.realpath(p) in by_path]  # skipped files drop out
+    image_ids = np.array([by_path[os.path.realpath(images[i])].id for i in kept], dtype=np.int64)
+    text_rows = catalog.text_states([f"t{j}" for j in range(len(texts))])
+    text_ids = np.array([text_rows[f"t{j}"][0] for j in range(len(texts))], dtype=np.int64)
+    dim = home.dim
+    vectors = {kind: dict() for kind in ("image", "text")}
+    for kind in ("image", "text"):
+        for ids, vecs in catalog.iter_vectors(kind, dim):
+            vectors[kind].update(zip(ids.tolist(), vecs))
+    img = np.stack([vectors["image"][int(i)] for i in image_ids])
+    txt = np.stack([vectors["text"][int(i)] for i in text_ids])
+    position = {orig: new for new, orig in enumerate(kept)}
+    positives = np.zeros((len(texts), len(kept)), dtype=bool)
+    for i, j in links:
+        if i in position:
+            positives[j, position[i]] = True
+    sims = txt @ img.T
+    t2i_corr = i2t_corr = None
+    if rerank:
+        from mmsearch.rerank import Reranker, TokenStore
+
+        encoder = home.encoder()
+        reranker = Reranker.load(encoder)
+        store = TokenStore.open(home.settings.home, encoder.spec.canonical)
+        hashes = catalog.image_hashes(image_ids.tolist())
+        rows = store.get([hashes[int(i)] for i in image_ids]) if store is not None else []
+        if len(rows) != len(image_ids) or any(r is None for r in rows):
+            raise UsageError("the index holds no re-ranker tokens for some images; was it built with this model?")
+        image_tokens = torch.from_numpy(np.stack(rows))
+        text_states, text_mask = text_states_padded(encoder.model, encoder.tokenizer, texts, encoder.device)
+        scorer = reranker.scorer
+        t2i_corr = scorer_corrections(scorer, text_states, text_mask, image_tokens, text_queries=True)
+        i2t_corr = scorer_corrections(scorer, text_states, text_mask, image_tokens, text_queries=False)
+    has_image = positives.any(axis=1)
+    t2i = positive_ranks(sims, positives, t2i_corr, rerank_k)[has_image]
+    i2t = positive_ranks(np.ascontiguousarray(sims.T), np.ascontiguousarray(positives.T), i2t_corr, rerank_k)
+    return {
+        "text_to_image": recalls(t2i),
+        "image_to_text": recalls(i2t),
+        "rerank": rerank,
+        "images": len(kept),
+        "texts": len(texts),
+    }

@@ -1,0 +1,443 @@
+"""Training: fit a dual encoder and its cross-attention re-ranker on your own image–caption pairs.
+
+1. A seeded part of the pairs is held out for validation.
+2. The dual encoder is trained contrastively (symmetric InfoNCE with the
+   model's learnable temperature), from ``--base`` (any model spec) or from
+   scratch with the shipped ``small`` architecture. A checkpoint is written
+   after every epoch, so an interrupted run resumes where it stopped.
+3. The frozen dual encoder mines hard negatives (its own top candidates, what
+   the re-ranker will see at query time) and the re-ranker learns to correct
+   its scores on them.
+4. The re-ranker is kept only if it does not lower validation Recall@1 in
+   either direction; the model folder works as ``--model DIR``.
+
+Everything is written as safetensors + JSON; nothing is pickled.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from mmsearch.errors import InputFileError, UsageError
+from mmsearch.evaluate import positive_ranks, recalls, scorer_corrections, text_states_padded
+from mmsearch.pairs import Pair, group, read_pairs
+from mmsearch.rerank import CrossAttentionScorer, image_token_states, save_scorer
+
+SMALL = "mmsearch-small"
+CHECKPOINT = ".checkpoint"
+INFO_FILE = "mmsearch_model.json"
+
+
+@dataclass
+class TrainOptions:
+    pairs: Path
+    out: Path
+    base: str = "small"
+    epochs: int = 30
+    batch_size: int = 128
+    lr: float | None = None  # default: 1e-3 from scratch, 1e-5 from a pretrained base
+    seed: int = 0
+    val_fraction: float = 0.1
+    rerank_epochs: int = 2
+    negatives: int = 15
+    mine_k: int = 50
+    dual_dropout: float = 0.0  # share of re-ranker training queries that see no dual score
+    device: str = "cpu"
+
+
+@dataclass
+class TrainReport:
+    out: str
+    train_pairs: int
+    val_pairs: int
+    epochs: int
+    resumed_from_epoch: int
+    seconds: float
+    val_dual: dict[str, dict[str, float]] = field(default_factory=dict)
+    val_rerank: dict[str, dict[str, float]] = field(default_factory=dict)
+    reranker_saved: bool = False
+    message: str = ""
+
+    def as_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["seconds"] = round(self.seconds, 1)
+        return out
+
+
+# -- model set-up ----------------------------------------------------------------
+
+
+def _base_model(base: str, device: str) -> tuple[Any, Any, dict[str, Any], dict[str, Any], Callable]:
+    """(model, tokenizer, model_cfg, preprocess_cfg, preprocess) for ``--base``."""
+    import open_clip
+
+    from mmsearch.encode import load_encoder, register_model_configs
+    from mmsearch.modelspec import parse
+
+    register_model_configs()
+    if base == "small":
+        import logging
+
+        logging.disable(logging.WARNING)  # open_clip warns that no pretrained weights were loaded: intended
+        try:
+            model, _, preprocess = open_clip.create_model_and_transforms(SMALL, device=device)
+        finally:
+            logging.disable(logging.NOTSET)
+        tokenizer = open_clip.get_tokenizer(SMALL)
+        model_cfg = open_clip.get_model_config(SMALL)
+    else:
+        spec = parse(base)
+        encoder = load_encoder(spec, device)
+        model, tokenizer, preprocess = encoder.model, encoder.tokenizer, encoder.preprocess
+        if spec.kind == "local-dir":
+            assert spec.path is not None
+            model_cfg = json.loads((spec.path / "open_clip_config.json").read_text())["model_cfg"]
+        elif spec.kind == "hf-hub":
+            from open_clip.factory import _get_hf_config
+
+            model_cfg = _get_hf_config(spec.name)["model_cfg"]
+        else:
+            model_cfg = open_clip.get_model_config(spec.name)
+    preprocess_cfg = {k: list(v) if isinstance(v, tuple) else v for k, v in dict(model.visual.preprocess_cfg).items()}
+    return model, tokenizer, model_cfg, preprocess_cfg, preprocess
+
+
+def _load_pixels(pairs_images: list[Path], preprocess: Callable, size: int) -> torch.Tensor:
+    from mmsearch.decode import enable_heif, load_image
+
+    enable_heif()
+    out = []
+    for path in pairs_images:
+        try:
+            out.append(preprocess(load_image(str(path), size)))
+        except Exception as exc:
+            raise InputFileError(f"{path} is not an image this tool can read ({type(exc).__name__})") from None
+    return torch.stack(out)
+
+
+def _augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Random zoom (0.8–1.1×) and shift (±10%) per image, one batched resample."""
+    n = x.shape[0]
+    scale = 0.8 + 0.3 * torch.rand(n, generator=gen)
+    shift = (torch.rand(n, 2, generator=gen) - 0.5) * 0.2
+    theta = torch.zeros(n, 2, 3)
+    theta[:, 0, 0] = scale
+    theta[:, 1, 1] = scale
+    theta[:, :, 2] = shift
+    grid = F.affine_grid(theta.to(x.device), list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, padding_mode="border", align_corners=False)
+
+
+def _split(pairs: list[Pair], fraction: float, seed: int) -> tuple[list[Pair], list[Pair]]:
+    """Hold out a seeded share of the *texts* (with all their pairs) for validation."""
+    texts = sorted({p.text for p in pairs})
+    if len(texts) < 8:
+        raise InputFileError(f"too few distinct texts to train on ({len(texts)}); give at least 8 pairs")
+    if not 0 < fraction < 1:
+        raise UsageError(f"--val-fraction must be between 0 and 1, got {fraction}")
+    rng = np.random.default_rng(seed)
+    n_val = max(2, int(round(len(texts) * fraction)))
+    held = set(rng.permutation(len(texts))[:n_val].tolist())
+    val_texts = {t for i, t in enumerate(texts) if i in held}
+    return [p for p in pairs if p.text not in val_texts], [p for p in pairs if p.text in val_texts]
+
+
+# -- checkpoints -----------------------------------------------------------------
+
+
+def _save_checkpoint(folder: Path, model: Any, opt: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = {f"model.{k}": v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    opt_state = opt.state_dict()
+    for idx, entry in opt_state["state"].items():
+        for name, value in entry.items():
+            tensors[f"opt.{idx}.{name}"] = torch.as_tensor(value).detach().contiguous().cpu()
+    save_file(tensors, folder / "state.safetensors.tmp")
+    (folder / "state.safetensors.tmp").replace(folder / "state.safetensors")
+    (folder / "state.json").write_text(json.dumps({**state, "param_groups": opt_state["param_groups"]}))
+
+
+def _load_checkpoint(folder: Path, model: Any, opt: torch.optim.Optimizer, expect: dict[str, Any]) -> int:
+    """The epoch to resume from (0 when there is no usable checkpoint)."""
+    from safetensors.torch import load_file
+
+    try:
+        state = json.loads((folder / "state.json").read_text())
+        if {k: state.get(k) for k in expect} != expect:
+            return 0
+        tensors = load_file(folder / "state.safetensors")
+    except (OSError, ValueError):
+        return 0
+    model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    opt_state: dict[str, Any] = {"state": {}, "param_groups": state["param_groups"]}
+    for key, value in tensors.items():
+        if key.startswith("opt."):
+            _, idx, name = key.split(".", 2)
+            opt_state["state"].setdefault(int(idx), {})[name] = value
+    opt.load_state_dict(opt_state)
+    return int(state["epoch"])
+
+
+# -- the two stages ----------------------------------------------------------------
+
+
+def _encode_text(model: Any, tokens: torch.Tensor) -> torch.Tensor:
+    from mmsearch.encode import _encode_text_truncated, _supports_truncation
+
+    return _encode_text_truncated(model, tokens) if _supports_truncation(model) else model.encode_text(tokens)
+
+
+def _train_dual(
+    model: Any, pixels: torch.Tensor, tokens: torch.Tensor, image_of: np.ndarray, text_of: np.ndarray,
+    opts: TrainOptions, lr: float, progress: bool, say: Callable[[str], None],
+) -> int:
+    from tqdm import tqdm
+
+    n = len(image_of)
+    batch = min(opts.batch_size, n)
+    steps = max(1, n // batch)
+    total = steps * opts.epochs
+    decay = [p for p in model.parameters() if p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.ndim < 2]
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=lr, betas=(0.9, 0.98), eps=1e-6, foreach=True,
+    )
+    warmup = max(1, min(100, total // 10))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: (s + 1) / warmup if s < warmup else 0.5 * (1 + math.cos(math.pi * (s - warmup) / max(1, total - warmup)))
+    )
+    expect = {"pairs": str(opts.pairs.resolve()), "base": opts.base, "seed": opts.seed, "epochs": opts.epochs,
+              "batch_size": batch, "lr": lr, "val_fraction": opts.val_fraction}
+    ckpt = opts.out / CHECKPOINT
+    start = _load_checkpoint(ckpt, model, opt, expect)
+    if start:
+        say(f"resuming from the checkpoint after epoch {start}/{opts.epochs}")
+        import warnings
+
+        with warnings.catch_warnings():  # fast-forwarding the schedule steps it before any optimiser step
+            warnings.simplefilter("ignore", UserWarning)
+            for _ in range(start * steps):
+                sched.step()
+    image_t = torch.from_numpy(image_of)
+    text_t = torch.from_numpy(text_of)
+    bar = tqdm(total=total, initial=start * steps, unit="step", disable=not progress, file=sys.stderr,
+               dynamic_ncols=True, desc="dual encoder")
+    try:
+        for epoch in range(start, opts.epochs):
+            model.train()
+            gen = torch.Generator().manual_seed(opts.seed * 100003 + epoch)
+            perm = torch.randperm(n, generator=gen)
+            for step in range(steps):
+                idx = perm[step * batch:(step + 1) * batch]
+                imgs = _augment(pixels[image_t[idx]], gen).to(opts.device)
+                toks = tokens[text_t[idx]].to(opts.device)
+                img_f = F.normalize(model.encode_image(imgs), dim=-1)
+                txt_f = F.normalize(_encode_text(model, toks), dim=-1)
+                scale = model.logit_scale.exp().clamp(max=100)
+                logits = scale * img_f @ txt_f.T
+                # pairs sharing a text (or an image) are all right answers
+                same_text = (text_t[idx][:, None] == text_t[idx][None, :]).float().to(logits.device)
+                same_image = (image_t[idx][:, None] == image_t[idx][None, :]).float().to(logits.device)
+                target_i = same_text / same_text.sum(1, keepdim=True)
+                target_t = same_image / same_image.sum(1, keepdim=True)
+                loss = 0.5 * (
+                    -(target_i * F.log_softmax(logits, dim=1)).sum(1).mean()
+                    - (target_t * F.log_softmax(logits.T, dim=1)).sum(1).mean()
+                )
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+                with torch.no_grad():
+                    model.logit_scale.clamp_(0, math.log(100))
+                bar.update(1)
+                bar.set_postfix(epoch=epoch + 1, loss=f"{loss.item():.3f}")
+            _save_checkpoint(ckpt, model, opt, {**expect, "epoch": epoch + 1})
+    finally:
+        bar.close()
+    model.eval()
+    return start
+
+
+@torch.inference_mode()
+def _frozen_states(model: Any, tokenizer: Any, pixels: torch.Tensor, texts: list[str], device: str) -> dict[str, Any]:
+    """Normalised vectors and token states of images and texts under the trained encoder."""
+    vecs, toks = [], []
+    for s in range(0, len(pixels), 256):
+        pooled, tokens = image_token_states(model, pixels[s:s + 256].to(device))
+        vecs.append(F.normalize(pooled.float(), dim=-1).cpu())
+        toks.append(tokens.float().cpu())
+    text_vecs = []
+    for s in range(0, len(texts), 256):
+        text_vecs.append(F.normalize(_encode_text(model, tokenizer(texts[s:s + 256]).to(device)).float(), dim=-1).cpu())
+    states, mask = text_states_padded(model, tokenizer, texts, device)
+    return {"img": torch.cat(vecs), "tok": torch.cat(toks), "txt": torch.cat(text_vecs), "states": states, "mask": mask}
+
+
+def _val_recalls(frozen: dict[str, Any], positives: np.ndarray, scorer: Any, k: int) -> dict[str, dict[str, float]]:
+    sims = (frozen["txt"] @ frozen["img"].T).numpy()
+    t2i_c = i2t_c = None
+    if scorer is not None:
+        scorer.eval()
+        t2i_c = scorer_corrections(scorer, frozen["states"], frozen["mask"], frozen["tok"], text_queries=True)
+        i2t_c = scorer_corrections(scorer, frozen["states"], frozen["mask"], frozen["tok"], text_queries=False)
+    return {
+        "text_to_image": recalls(positive_ranks(sims, positives, t2i_c, k)),
+        "image_to_text": recalls(positive_ranks(np.ascontiguousarray(sims.T), np.ascontiguousarray(positives.T), i2t_c, k)),
+    }
+
+
+def _train_reranker(
+    frozen: dict[str, Any], positives: np.ndarray, scale: float, opts: TrainOptions, progress: bool
+) -> CrossAttentionScorer:
+    """Learn the correction on the dual encoder's own hard negatives, both directions."""
+    from tqdm import tqdm
+
+    torch.manual_seed(opts.seed)
+    rng = np.random.default_rng(opts.seed)
+    dim = frozen["tok"].shape[-1]
+    scorer = CrossAttentionScorer(dim).to(opts.device)
+    opt = torch.optim.AdamW(scorer.parameters(), lr=1e-3, weight_decay=0.01)
+    sims = (frozen["txt"] @ frozen["img"].T).numpy()
+
+    def mine(scores: np.ndarray, pos: np.ndarray) -> list[np.ndarray]:
+        k = min(opts.mine_k, scores.shape[1])
+        top = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+        return [row[~pos[q, row]] for q, row in enumerate(top)]
+
+    directions = [  # (scores, positives, hard negatives, queries are texts)
+        (sims, positives, mine(sims, positives), True),
+        (sims.T, positives.T, mine(sims.T, positives.T), False),
+    ]
+    qb = 32
+    batches_per_epoch = sum(math.ceil(len(d[0]) / qb) for d in directions)
+    bar = tqdm(total=batches_per_epoch * opts.rerank_epochs, unit="step", disable=not progress,
+               file=sys.stderr, dynamic_ncols=True, desc="re-ranker")
+    try:
+        for _ in range(opts.rerank_epochs):
+            plan = []
+            for d, (scores, _, _, _) in enumerate(directions):
+                order = rng.permutation(len(scores))
+                plan += [(d, order[s:s + qb]) for s in range(0, len(order), qb)]
+            rng.shuffle(plan)
+            scorer.train()
+            for d, queries in plan:
+                scores, pos, hard, text_queries = directions[d]
+                cands = np.empty((len(queries), 1 + opts.negatives), dtype=np.int64)
+                for r, q in enumerate(queries):
+                    cands[r, 0] = rng.choice(np.flatnonzero(pos[q]))
+                    pool = hard[q] if len(hard[q]) else np.flatnonzero(~pos[q])
+                    cands[r, 1:] = rng.choice(pool, opts.negatives, replace=len(pool) < opts.negatives)
+                q_rep = np.repeat(queries, cands.shape[1])
+                c_flat = cands.reshape(-1)
+                t_idx, i_idx = (q_rep, c_flat) if text_queries else (c_flat, q_rep)
+                t_idx, i_idx = torch.from_numpy(t_idx), torch.from_numpy(i_idx)
+                corr = scorer(
+                    frozen["states"][t_idx].to(opts.device), frozen["mask"][t_idx].to(opts.device),
+                    frozen["tok"][i_idx].to(opts.device),
+                ).view(cands.shape)
+                dual = torch.from_numpy(np.take_along_axis(scores[queries], cands, axis=1)).to(corr.device)
+                # with dual_dropout, some queries see no dual score: the correction must tell pairs apart alone
+                keep = torch.from_numpy(rng.random((len(queries), 1)) >= opts.dual_dropout).to(corr.device).float()
+                logits = scale * (keep * dual + corr)
+                loss = F.cross_entropy(logits, torch.zeros(len(queries), dtype=torch.long, device=corr.device))
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss.item():.3f}")
+    finally:
+        bar.close()
+    return scorer.eval()
+
+
+def accept_reranker(dual: dict[str, dict[str, float]], rerank: dict[str, dict[str, float]]) -> bool:
+    """A re-ranker is kept only if validation R@1 is not lower in either direction."""
+    return all(rerank[d]["R@1"] >= dual[d]["R@1"] for d in ("text_to_image", "image_to_text"))
+
+
+def _positives(images: list[Path], texts: list[str], links: list[tuple[int, int]]) -> np.ndarray:
+    pos = np.zeros((len(texts), len(images)), dtype=bool)
+    for i, j in links:
+        pos[j, i] = True
+    return pos
+
+
+def train(opts: TrainOptions, *, progress: bool = True, say: Callable[[str], None] = print) -> TrainReport:
+    """Train a dual encoder and a re-ranker on ``opts.pairs``; write a model folder to ``opts.out``."""
+    from safetensors.torch import save_file
+
+    started = time.perf_counter()
+    if opts.epochs < 1 or opts.rerank_epochs < 0:
+        raise UsageError("--epochs must be at least 1")
+    if opts.batch_size < 2:
+        raise UsageError(f"--batch-size must be at least 2 for contrastive training, got {opts.batch_size}")
+    torch.manual_seed(opts.seed)
+    pairs = read_pairs(opts.pairs)
+    train_pairs, val_pairs = _split(pairs, opts.val_fraction, opts.seed)
+    opts.out.mkdir(parents=True, exist_ok=True)
+
+    model, tokenizer, model_cfg, preprocess_cfg, preprocess = _base_model(opts.base, opts.device)
+    size = preprocess_cfg["size"]
+    size = int(max(size) if isinstance(size, list) else size)
+    lr = opts.lr if opts.lr is not None else (1e-3 if opts.base == "small" else 1e-5)
+
+    tr_images, tr_texts, tr_links = group(train_pairs)
+    pixels = _load_pixels(tr_images, preprocess, size)
+    tokens = tokenizer(tr_texts)
+    image_of = np.array([i for i, _ in tr_links], dtype=np.int64)
+    text_of = np.array([j for _, j in tr_links], dtype=np.int64)
+    resumed = _train_dual(model, pixels, tokens, image_of, text_of, opts, lr, progress, say)
+
+    # the dual encoder is final: write it first, so it is kept whatever the re-ranker does
+    (opts.out / "open_clip_config.json").write_text(
+        json.dumps({"model_cfg": model_cfg, "preprocess_cfg": preprocess_cfg}, indent=2)
+    )
+    weights = opts.out / "open_clip_model.safetensors"
+    save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, str(weights) + ".tmp")
+    Path(str(weights) + ".tmp").replace(weights)
+    for name in ("reranker.safetensors", "reranker.json"):
+        (opts.out / name).unlink(missing_ok=True)
+
+    frozen = _frozen_states(model, tokenizer, pixels, tr_texts, opts.device)
+    scale = float(model.logit_scale.exp().item())
+    scorer = _train_reranker(frozen, _positives(tr_images, tr_texts, tr_links), scale, opts, progress)
+
+    va_images, va_texts, va_links = group(val_pairs)
+    val_frozen = _frozen_states(model, tokenizer, _load_pixels(va_images, preprocess, size), va_texts, opts.device)
+    val_pos = _positives(va_images, va_texts, va_links)
+    report = TrainReport(
+        out=str(opts.out), train_pairs=len(train_pairs), val_pairs=len(val_pairs), epochs=opts.epochs,
+        resumed_from_epoch=resumed, seconds=0.0,
+        val_dual=_val_recalls(val_frozen, val_pos, None, opts.mine_k),
+        val_rerank=_val_recalls(val_frozen, val_pos, scorer, opts.mine_k),
+    )
+    if accept_reranker(report.val_dual, report.val_rerank):
+        save_scorer(scorer, opts.out, {"trained_on": str(opts.pairs), "rerank_k": opts.mine_k})
+        report.reranker_saved = True
+        report.message = "re-ranker saved"
+    else:
+        report.message = (
+            "re-ranker NOT saved: it lowered validation Recall@1 "
+            f"(text→image {report.val_dual['text_to_image']['R@1']:.3f} → {report.val_rerank['text_to_image']['R@1']:.3f}, "
+            f"image→text {report.val_dual['image_to_text']['R@1']:.3f} → {report.val_rerank['image_to_text']['R@1']:.3f}); "
+            "the dual encoder alone was saved"
+        )
+    report.seconds = time.perf_counter() - started
+    info = {"base": opts.base, "pairs": str(opts.pairs), "options": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(opts).items()},
+            **report.as_dict()}
+    (opts.out / INFO_FILE).write_text(json.dumps(info, indent=2, ensure_ascii=False))
+    return report

@@ -1,0 +1,134 @@
+"""Training: a short run on a generated set raises Recall; the model folder round-trips."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from PIL import Image, ImageDraw
+from typer.testing import CliRunner
+
+from mmsearch.cli import app
+from mmsearch.evaluate import evaluate
+from mmsearch.settings import resolve
+from mmsearch.train import TrainOptions, accept_reranker, train
+
+COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220), "yellow": (240, 230, 20)}
+SHAPES = ("square", "circle", "bar", "cross")
+
+
+def draw(path: Path, colour: tuple[int, int, int], shape: str, shift: int) -> None:
+    img = Image.new("RGB", (32, 32), "white")
+    d = ImageDraw.Draw(img)
+    box = (6 + shift, 6 + shift, 24 + shift, 24 + shift)
+    if shape == "square":
+        d.rectangle(box, fill=colour)
+    elif shape == "circle":
+        d.ellipse(box, fill=colour)
+    elif shape == "bar":
+        d.rectangle((2, 12 + shift, 30, 18 + shift), fill=colour)
+    else:
+        d.rectangle((13 + shift, 2, 18 + shift, 30), fill=colour)
+        d.rectangle((2, 13 + shift, 30, 18 + shift), fill=colour)
+    img.save(path)
+
+
+@pytest.fixture(scope="module")
+def shapes_pairs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """16 concepts (colour × shape), 2 drawings each: 32 pairs."""
+    root = tmp_path_factory.mktemp("shapes")
+    (root / "img").mkdir()
+    lines = []
+    for colour, rgb in COLOURS.items():
+        for shape in SHAPES:
+            for shift in (0, 3):
+                name = f"img/{colour}-{shape}-{shift}.png"
+                draw(root / name, rgb, shape, shift)
+                lines.append(json.dumps({"image": name, "text": f"a {colour} {shape}"}))
+    (root / "pairs.jsonl").write_text("\n".join(lines) + "\n")
+    return root / "pairs.jsonl"
+
+
+@pytest.fixture(scope="module")
+def trained(shapes_pairs: Path, tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    out = tmp_path_factory.mktemp("trained") / "model"
+    opts = TrainOptions(
+        pairs=shapes_pairs, out=out, base=str(tiny_model), epochs=40, batch_size=16, lr=2e-3,
+        rerank_epochs=3, negatives=7, val_fraction=0.25,
+    )
+    report = train(opts, progress=False, say=lambda _: None)
+    return out, report.as_dict()
+
+
+def test_training_raises_recall_over_the_untrained_model(
+    trained: tuple[Path, dict], shapes_pairs: Path, tiny_model: Path, tmp_path: Path
+) -> None:
+    out, report = trained
+    before = evaluate(shapes_pairs, resolve(home=tmp_path / "a", model=str(tiny_model)), progress=False)
+    after = evaluate(shapes_pairs, resolve(home=tmp_path / "b", model=str(out)), progress=False)
+    assert (before["images"], before["texts"]) == (32, 16)
+    for direction in ("text_to_image", "image_to_text"):
+        gain = sum(after[direction].values()) - sum(before[direction].values())  # R@1 + R@5 + R@10
+        assert gain >= 0.3, (before, after)
+        assert after[direction]["R@1"] >= before[direction]["R@1"], (before, after)
+    assert report["train_pairs"] + report["val_pairs"] == 32
+
+
+def test_model_folder_round_trip(trained: tuple[Path, dict], shapes_pairs: Path, tmp_path: Path) -> None:
+    from mmsearch.encode import load_encoder
+    from mmsearch.rerank import RERANKER_WEIGHTS, Reranker
+
+    out, report = trained
+    assert (out / "open_clip_model.safetensors").is_file() and (out / "open_clip_config.json").is_file()
+    assert not list(out.glob("*.pt")) and not list(out.glob("*.bin"))
+    info = json.loads((out / "mmsearch_model.json").read_text())
+    assert info["reranker_saved"] == report["reranker_saved"] == (out / RERANKER_WEIGHTS).is_file()
+    if report["reranker_saved"]:
+        encoder = load_encoder(str(out), "cpu")
+        ranked = Reranker.load(encoder).rank("a red square", [
+            {"id": 1, "score": 0.5, "tokens": encoder.embed_images_with_tokens(_pixels(encoder, shapes_pairs))[1][0]},
+        ], top_k=1)
+        assert ranked[0]["id"] == 1 and isinstance(ranked[0]["score"], float)
+    result = CliRunner().invoke(
+        app, ["--home", str(tmp_path / "h"), "eval", str(shapes_pairs), "--model", str(out), "--json", "--quiet"]
+        + (["--rerank"] if report["reranker_saved"] else []),
+        catch_exceptions=False,
+    )
+    assert result.exit_code == 0, result.output
+    got = json.loads(result.stdout.strip().splitlines()[-1])
+    assert set(got) == {"text_to_image", "image_to_text", "rerank", "images", "texts"}
+    assert all(0.0 <= v <= 1.0 for d in ("text_to_image", "image_to_text") for v in got[d].values())
+
+
+def _pixels(encoder, pairs: Path):
+    from PIL import Image as PILImage
+
+    img = PILImage.open(pairs.parent / "img" / "red-square-0.png").convert("RGB")
+    return encoder.preprocess(img).unsqueeze(0)
+
+
+def test_training_resumes_from_its_checkpoint(trained: tuple[Path, dict], shapes_pairs: Path, tiny_model: Path) -> None:
+    out, _ = trained
+    opts = TrainOptions(
+        pairs=shapes_pairs, out=out, base=str(tiny_model), epochs=40, batch_size=16, lr=2e-3,
+        rerank_epochs=1, negatives=7, val_fraction=0.25,
+    )
+    messages: list[str] = []
+    report = train(opts, progress=False, say=messages.append)
+    assert report.resumed_from_epoch == 40
+    assert any("resuming" in m for m in messages)
+
+
+def test_reranker_kept_only_if_recall_at_1_does_not_drop() -> None:
+    dual = {"text_to_image": {"R@1": 0.5}, "image_to_text": {"R@1": 0.4}}
+    assert accept_reranker(dual, {"text_to_image": {"R@1": 0.6}, "image_to_text": {"R@1": 0.4}})
+    assert not accept_reranker(dual, {"text_to_image": {"R@1": 0.9}, "image_to_text": {"R@1": 0.39}})
+
+
+def test_train_rejects_bad_input(tmp_path: Path) -> None:
+    pairs = tmp_path / "p.jsonl"
+    pairs.write_text('{"image": "missing.png", "text": "x"}\n')
+    result = CliRunner().invoke(app, ["train", str(pairs), "--out", str(tmp_path / "m"), "--quiet"])
+    assert result.exit_code != 0
+    assert result.stderr.startswith("error: ") and "no such image" in result.stderr
