@@ -6,8 +6,10 @@ random weights), and recall@10 of the ANN index against exact search.
 
 Vectors are synthetic but shaped like CLIP image embeddings (see
 ``_common.clustered_vectors``): unit vectors in a narrow cone, grouped in
-sqrt(N) clusters of varying spread, with anisotropic noise. Queries are held
-out from the same distribution.
+sqrt(N) clusters of varying spread, with anisotropic noise. Queries (default
+``--query-kind text-like``) are held-out vectors mixed with a second one and
+shifted by a common offset, so they fall between clusters as text queries do;
+that is the hard case for an IVF index.
 
     python bench/query_latency.py                       # 10k, 100k, 1M (~6 min)
     python bench/query_latency.py --sizes 10000,100000  # quick
@@ -94,6 +96,10 @@ def main() -> None:
     ap.add_argument("--sizes", default="10000,100000,1000000")
     ap.add_argument("--queries", type=int, default=200)
     ap.add_argument("--dim", type=int, default=512)
+    ap.add_argument("--query-kind", choices=("text-like", "image"), default="text-like",
+                    help="image: held-out vectors of the same clusters (easy for IVF); text-like: a held-out vector "
+                         "mixed with a second one from another cluster and shifted by a common offset, like text "
+                         "queries that sit apart from image clusters (the modality gap)")
     ap.add_argument("--no-text", action="store_true", help="skip the text-encoding column (no model load)")
     ap.add_argument("--sweep", action="store_true", help="recall/latency for several nprobe at the largest size")
     ap.add_argument("--rss", action="store_true", help="peak RSS of a search process at the largest size")
@@ -115,6 +121,12 @@ def main() -> None:
     for n in sizes:
         data = clustered_vectors(n + args.queries, args.dim, clusters=max(8, int(np.sqrt(n))), seed=n)
         vectors, queries = data[:n], data[n:]
+        if args.query_kind == "text-like":
+            rng = np.random.default_rng(1)
+            gap = rng.normal(size=args.dim).astype(np.float32)
+            gap *= 0.5 / np.linalg.norm(gap)
+            queries = queries + 0.7 * np.roll(queries, 1, axis=0) + gap
+            queries = (queries / np.linalg.norm(queries, axis=1, keepdims=True)).astype(np.float32)
         exact, exact_build = build("flat", vectors)
         t_exact, truth = latencies(exact, queries)
         p50, p95 = percentiles(t_exact)

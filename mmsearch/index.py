@@ -67,7 +67,7 @@ def new_faiss_index(dim: int, index_type: str, count: int = 0) -> Any:
     if index_type == "ivf":
         nlist = ivf_cells(count)
         # IVF stores ids itself, and its remove_ids is correct; IDMap around it is not
-        index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), nlist, faiss.METRIC_INNER_PRODUCT)
+        index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, nlist, faiss.METRIC_INNER_PRODUCT)
         index.nprobe = ivf_nprobe(nlist)
         return index
     raise ValueError(f"unknown index type {index_type!r}")
