@@ -86,7 +86,7 @@ def main() -> None:
     mb = sum(os.path.getsize(photos / f"photo_{i:05d}.jpg") for i in range(args.photos)) / args.photos / 2**20
     print(f"data: {args.photos} photo-like JPEGs, 3000x2000, {mb:.2f} MB each on average")
 
-    batches = max(3, min(20, args.photos // args.batch_size))
+    batches = max(3, min(8, args.photos // args.batch_size))
     ceiling, cpu_per_img, load_s = model_only(model_dir, args.batch_size, batches)
     headers = ["run", "time", "img/s", "ratio", "CPU s/img", "CPU ratio", "pipeline s"]
     rows = [["model only (preprocessed tensors)", f"batch {args.batch_size}", f"{ceiling:.2f}", "1.00",

@@ -27,8 +27,14 @@ QUERIES = {
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--reps", type=int, default=60)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default, one per core)")
     args = ap.parse_args()
     print(machine())
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(f"torch threads: {torch.get_num_threads()}")
     encoder = load_encoder(f"local-dir:{vit_b32_dir()}", "cpu")
     rows, key = [], None
     for label, texts in QUERIES.items():
