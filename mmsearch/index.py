@@ -27,8 +27,9 @@ from mmsearch.store import Catalog, Kind
 #: rebuild, and trains in a minute per million vectors on two cores.
 INDEX_TYPES = ("flat", "ivf")
 
-#: Up to this many vectors exact search answers fast enough (see bench/query_latency.py).
-EXACT_MAX = 200_000
+#: Below this many vectors exact search is kept: ~2 ms at 10k and ~18 ms at 100k per query
+#: on 2 quiet cores (360+ ms at 1M), exact results, no training (bench/query_latency.py).
+EXACT_MAX = 100_000
 
 #: Vectors sampled per cell to train the IVF cells (faiss warns below 39).
 TRAIN_PER_CELL = 40
