@@ -97,6 +97,8 @@ class Decoded:
 class Skipped:
     path: str
     reason: str
+    #: an error reading the file (permissions, I/O) that may pass without the file changing
+    transient: bool = False
 
 
 def decode_file(
@@ -111,7 +113,7 @@ def decode_file(
             st = os.fstat(fh.fileno())
             data = fh.read()
     except OSError as exc:
-        return Skipped(entry.path, exc.strerror or str(exc))
+        return Skipped(entry.path, exc.strerror or str(exc), transient=True)
     if not data:
         return Skipped(entry.path, "empty file")
     # size and mtime as read, in case the file changed since discovery

@@ -184,6 +184,7 @@ def index_paths(
         entries = list(walk(root_paths, on_error=walk_error))
         states = home.catalog.image_states(prefixes=root_paths)
         todo, report.unchanged, vanished = plan(entries, states, unlisted)
+        todo = _skip_known_bad(home, todo, root_paths, unlisted, skip)
         if not todo and not vanished:
             home.ensure_index_current("image")  # a killed run may have left it stale
             report.seconds = time.perf_counter() - started
@@ -191,7 +192,9 @@ def index_paths(
 
         writer = _Writer(home, states, report, home.settings.batch_size)
         if todo:
-            _encode_files(home, todo, writer, skip, progress)
+            bad: list[Skipped] = []
+            _encode_files(home, todo, writer, lambda s: bad.append(s) or skip(s.path, s.reason), progress)
+            _remember_bad(home, todo, bad)
         if vanished:
             index = writer.get_index()
             home.catalog.write_images([], [], removed_ids=vanished)
@@ -202,28 +205,70 @@ def index_paths(
     return report
 
 
+def _skip_known_bad(
+    home: Home, todo: list[FileEntry], roots: Sequence[str], unlisted: Sequence[str], skip: SkipHandler
+) -> list[FileEntry]:
+    """``todo`` without the files that failed to decode before and have not changed since.
+
+    Those are reported as skipped again without being read, so an unchanged
+    folder with a broken file never loads the model. Remembered files that
+    changed or vanished are forgotten (a changed one is read again).
+    """
+    remembered = home.catalog.skipped_files(roots)
+    if not remembered:
+        return todo
+    keep, forget = [], []
+    listed = {e.path for e in todo}
+    for entry in todo:
+        known = remembered.get(entry.path)
+        if known is not None and known[:2] == (entry.size, entry.mtime_ns):
+            skip(entry.path, f"{known[2]} (unchanged since; not read again)")
+        else:
+            keep.append(entry)
+            if known is not None:
+                forget.append(entry.path)
+    for path in remembered:
+        if path not in listed and not any(_is_under(path, u) for u in unlisted):
+            forget.append(path)  # vanished, or now indexed fine
+    home.catalog.write_skipped([], forget)
+    return keep
+
+
+def _remember_bad(home: Home, todo: list[FileEntry], bad: list["Skipped"]) -> None:
+    """Remember files that failed to decode (not transient read errors) with their size and mtime."""
+    entries = {e.path: e for e in todo}
+    rows = [
+        {"path": s.path, "size": entries[s.path].size, "mtime_ns": entries[s.path].mtime_ns, "reason": s.reason}
+        for s in bad
+        if not s.transient and s.path in entries
+    ]
+    home.catalog.write_skipped(rows, [])
+
+
 def _encode_files(
-    home: Home, todo: list[FileEntry], writer: _Writer, skip: SkipHandler, progress: bool
+    home: Home, todo: list[FileEntry], writer: _Writer, skip: Callable[["Skipped"], None], progress: bool
 ) -> None:
-    import torch
     from tqdm import tqdm
 
     from mmsearch.rerank import token_sink
+    from mmsearch.preprocess import split_preprocess
 
     encoder = home.encoder()
     tokens = token_sink(home, encoder)  # None unless the model has a re-ranker
     known = home.catalog.known_hashes()
     settings = home.settings
+    # decode threads stop at uint8 pixels; the batch becomes a tensor here (see mmsearch.preprocess)
+    split = split_preprocess(encoder.preprocess)
 
     def decode(entry: FileEntry) -> Decoded | Skipped:
-        return decode_file(entry, encoder.preprocess, encoder.image_size, known.__contains__)
+        return decode_file(entry, split.per_image, encoder.image_size, known.__contains__)
 
     batch: list[Decoded] = []
 
     def encode_batch() -> None:
         if not batch:
             return
-        pixels = torch.stack([d.pixels for d in batch])
+        pixels = split.batch([d.pixels for d in batch])
         if tokens is None:
             vectors = encoder.embed_images(pixels)
         else:
@@ -239,7 +284,7 @@ def _encode_files(
         for result in decode_many(todo, decode, settings.workers, window=max(2 * settings.batch_size, 16)):
             bar.update(1)
             if isinstance(result, Skipped):
-                skip(result.path, result.reason)
+                skip(result)
             elif result.pixels is None:
                 writer.put(_Ready(result.entry, result.content_hash, 0, 0, None))
             else:

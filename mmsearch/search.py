@@ -153,7 +153,9 @@ def nearest(home: Home, vector: np.ndarray, target: Kind, k: int) -> list[Hit]:
         scores, ids = index.search(vector[None, :], fetch)
         pairs = [(float(s), int(i)) for s, i in zip(scores[0], ids[0]) if i >= 0]
         hits = _resolve(home, pairs, target)
-        if len(hits) >= k or fetch >= index.count:
+        # fewer ids than asked for: the index has no more to give (an ANN index
+        # only scans some cells), so asking for more would only cost time
+        if len(hits) >= k or fetch >= index.count or len(pairs) < fetch:
             break
         fetch = min(index.count, fetch * 4)
     for rank, hit in enumerate(hits[:k], 1):

@@ -93,6 +93,17 @@ class TextRow(Base):
     indexed_at: Mapped[float]
 
 
+class SkippedRow(Base):
+    """A file that could not be decoded, remembered so an unchanged one is not read again."""
+
+    __tablename__ = "skipped"
+
+    path: Mapped[str] = mapped_column(String, primary_key=True)
+    size: Mapped[int]
+    mtime_ns: Mapped[int]
+    reason: Mapped[str] = mapped_column(String)
+
+
 TABLES: dict[Kind, type[ImageRow] | type[TextRow]] = {"image": ImageRow, "text": TextRow}
 
 
@@ -269,6 +280,25 @@ class Catalog:
             if new or changed or removed_ids:
                 _bump_generation(conn, "image")
         return ids
+
+    def skipped_files(self, prefixes: Iterable[str]) -> dict[str, tuple[int, int, str]]:
+        """``path -> (size, mtime_ns, reason)`` of remembered undecodable files under ``prefixes``."""
+        roots = tuple(prefixes)
+        with self.engine.connect() as conn:
+            rows = conn.execute(select(SkippedRow.path, SkippedRow.size, SkippedRow.mtime_ns, SkippedRow.reason))
+            found = {path_from_db(r[0]): (r[1], r[2], r[3]) for r in rows}
+        return {p: v for p, v in found.items() if any(_is_under(p, root) for root in roots)}
+
+    def write_skipped(self, remember: Sequence[dict[str, Any]], forget: Sequence[str]) -> None:
+        """Remember undecodable files (path, size, mtime_ns, reason); forget other paths. One transaction."""
+        if not remember and not forget:
+            return
+        paths = [path_to_db(p) for p in (*forget, *(row["path"] for row in remember))]
+        with self.engine.begin() as conn:
+            for start in range(0, len(paths), 500):
+                conn.execute(delete(SkippedRow).where(SkippedRow.path.in_(paths[start:start + 500])))
+            if remember:
+                conn.execute(insert(SkippedRow), [{**row, "path": path_to_db(row["path"])} for row in remember])
 
     def image_paths(self, ids: Sequence[int]) -> dict[int, str]:
         return {i: path_from_db(p) for i, p in self._lookup(ImageRow.id, ImageRow.path, ids)}
