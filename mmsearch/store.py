@@ -160,6 +160,10 @@ def _with_db_path(row: dict[str, Any]) -> dict[str, Any]:
 
 def _set_sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor = dbapi_connection.cursor()
+    # Large pages keep a 2 KiB vector blob inside its row instead of overflow
+    # pages: bulk inserts of 512-d rows run ~3x faster. Only takes effect when
+    # the database file is created; existing catalogs keep their page size.
+    cursor.execute("PRAGMA page_size=32768")
     cursor.execute("PRAGMA journal_mode=WAL")
     cursor.execute("PRAGMA synchronous=NORMAL")
     cursor.execute("PRAGMA busy_timeout=30000")
@@ -272,11 +276,7 @@ class Catalog:
                 _update_rows(conn, ImageRow, changed, now)
             ids = []
             if new:
-                result = conn.execute(
-                    insert(ImageRow).returning(ImageRow.id, sort_by_parameter_order=True),
-                    [{**row, "indexed_at": now} for row in new],
-                )
-                ids = [r[0] for r in result]
+                ids = _insert_rows(conn, ImageRow, [{**row, "indexed_at": now} for row in new])
             if new or changed or removed_ids:
                 _bump_generation(conn, "image")
         return ids
@@ -325,11 +325,7 @@ class Catalog:
                 _update_rows(conn, TextRow, changed, now)
             ids = []
             if new:
-                result = conn.execute(
-                    insert(TextRow).returning(TextRow.id, sort_by_parameter_order=True),
-                    [{**row, "indexed_at": now} for row in new],
-                )
-                ids = [r[0] for r in result]
+                ids = _insert_rows(conn, TextRow, [{**row, "indexed_at": now} for row in new])
             if new or changed:
                 _bump_generation(conn, "text")
         return ids
@@ -389,8 +385,34 @@ class Catalog:
         with self.engine.connect() as conn:
             for start in range(0, len(ids), 500):
                 chunk = [int(i) for i in ids[start:start + 500]]
-                rows.extend(conn.execute(select(key_col, value_col).where(key_col.in_(chunk))).tuples())
+                rows.extend((k, v) for k, v in conn.execute(select(key_col, value_col).where(key_col.in_(chunk))))
         return rows
+
+
+def _insert_rows(conn: Any, table: Any, rows: Sequence[dict[str, Any]]) -> list[int]:
+    """Insert ``rows`` as one executemany; return their ids, in order.
+
+    ``INSERT ... RETURNING`` with ordered results costs 3x the insert itself.
+    Ids come from AUTOINCREMENT and this transaction excludes other writers,
+    so the new ids are the block after the table's sequence; that is checked,
+    and looked up by the unique key if it ever does not hold.
+    """
+    def sequence() -> int:
+        found = conn.exec_driver_sql("SELECT seq FROM sqlite_sequence WHERE name = ?", (table.__tablename__,))
+        return int(found.scalar() or 0)
+
+    before = sequence()
+    conn.execute(insert(table), list(rows))
+    after = sequence()
+    if after - before == len(rows):
+        return list(range(before + 1, after + 1))
+    key = table.path if table is ImageRow else table.key
+    values = [row[key.name] for row in rows]
+    found: dict[Any, int] = {}
+    for start in range(0, len(values), 500):
+        stmt = select(key, table.id).where(key.in_(values[start:start + 500]))
+        found.update((k, i) for k, i in conn.execute(stmt))
+    return [found[v] for v in values]
 
 
 def _update_rows(conn: Any, table: Any, rows: Sequence[dict[str, Any]], now: float) -> None:
