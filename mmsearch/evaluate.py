@@ -68,6 +68,8 @@ def scorer_corrections(
     """
     import torch
 
+    device = next(scorer.parameters()).device  # states stay in host memory; batches go to the scorer
+
     def run(rows: np.ndarray, cands: np.ndarray) -> np.ndarray:
         q = np.repeat(rows, cands.shape[1])
         c = cands.reshape(-1)
@@ -77,7 +79,8 @@ def scorer_corrections(
             for s in range(0, len(t_idx), batch):
                 t = torch.from_numpy(t_idx[s:s + batch])
                 i = torch.from_numpy(i_idx[s:s + batch])
-                out.append(scorer(text_states[t], text_mask[t], image_tokens[i]).float().cpu().numpy())
+                text, mask, image = (x.to(device) for x in (text_states[t], text_mask[t], image_tokens[i]))
+                out.append(scorer(text, mask, image).float().cpu().numpy())
         return np.concatenate(out).reshape(cands.shape)
 
     return run
