@@ -149,7 +149,9 @@ def add_texts(
                 report.unchanged += 1
             else:
                 todo.append(item)
-        if todo:
+        if not todo:
+            home.ensure_index_current("text")  # a killed run may have left it stale
+        else:
             encoder = home.encoder()
             index = home.index("text")
             # shortest first: each batch runs at its own real token length

@@ -71,3 +71,20 @@ def test_huge_line_is_truncated_with_a_warning(tmp_path: Path, tiny_model: Path)
         report = add_texts(home, corpus, progress=False, on_warning=warnings.append)
     assert report.added == 2 and report.truncated == 1
     assert len(warnings) == 1 and "truncated" in warnings[0] and "long.txt" in warnings[0]
+
+
+def test_a_run_with_nothing_new_refreshes_a_stale_text_index(tmp_path: Path, tiny_model: Path):
+    from mmsearch.index import sidecar_path
+
+    corpus = tmp_path / "caps.txt"
+    corpus.write_text("one\ntwo\n")
+    settings = resolve(home=tmp_path / "home", model=str(tiny_model))
+    with Home.open(settings) as home:
+        add_texts(home, corpus, progress=False)
+    # as if a run had committed to the catalog and died before saving the index
+    sidecar = sidecar_path(settings.index_path("text"))
+    sidecar.write_text(sidecar.read_text().replace('"generation": 1', '"generation": 0'))
+    with Home.open(settings) as home:
+        report = add_texts(home, corpus, progress=False)
+        assert report.unchanged == 2
+    assert json.loads(sidecar.read_text())["generation"] == 1
