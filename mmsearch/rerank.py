@@ -147,6 +147,14 @@ def reranker_folder(encoder: "Encoder") -> Path | None:
 
 
 @dataclass
+class TextStates:
+    """A text query's token states (1, L, dim) and mask (1, L), computed once per search."""
+
+    states: torch.Tensor
+    mask: torch.Tensor
+
+
+@dataclass
 class Reranker:
     """A dual encoder plus its cross-attention correction.
 
@@ -167,7 +175,11 @@ class Reranker:
                 f"model {encoder.spec} has no re-ranker ({RERANKER_WEIGHTS}); "
                 "train one with `mmsearch train PAIRS --out DIR` and use --model DIR"
             )
-        return cls(encoder, load_scorer(folder, encoder.device))
+        cached = getattr(encoder, "_reranker", None)
+        if cached is None:  # loaded once per encoder: a search process re-ranks many queries
+            cached = cls(encoder, load_scorer(folder, encoder.device))
+            object.__setattr__(encoder, "_reranker", cached)
+        return cached
 
     def text_states(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         with torch.inference_mode():
@@ -178,13 +190,13 @@ class Reranker:
             out = self.scorer(text.to(self.encoder.device), mask.to(self.encoder.device), image.to(self.encoder.device))
         return out.float().cpu().numpy()
 
-    def score(self, query: str | np.ndarray, candidates: Sequence[dict[str, Any]]) -> np.ndarray:
+    def score(self, query: "str | np.ndarray | TextStates", candidates: Sequence[dict[str, Any]]) -> np.ndarray:
         if not candidates:
             return np.zeros(0, dtype=np.float32)
         dual = np.array([float(c["score"]) for c in candidates], dtype=np.float32)
         n = len(candidates)
-        if isinstance(query, str):
-            states, mask = self.text_states([query])
+        if isinstance(query, (str, TextStates)):
+            states, mask = self.text_states([query]) if isinstance(query, str) else (query.states, query.mask)
             images = torch.from_numpy(np.stack([np.asarray(c["tokens"]) for c in candidates]))
             correction = self.corrections(states.expand(n, -1, -1), mask.expand(n, -1), images)
         else:
@@ -193,7 +205,7 @@ class Reranker:
             correction = self.corrections(states, mask, image)
         return dual + correction
 
-    def rank(self, query: str | np.ndarray, candidates: Sequence[dict[str, Any]], top_k: int | None = None) -> list[dict[str, Any]]:
+    def rank(self, query: "str | np.ndarray | TextStates", candidates: Sequence[dict[str, Any]], top_k: int | None = None) -> list[dict[str, Any]]:
         """Candidates best first, as ``[{"id", "score"}]`` (CrossEncoder style)."""
         scores = self.score(query, candidates)
         order = np.argsort(-scores, kind="stable")
@@ -294,56 +306,68 @@ def token_sink(home: "Home", encoder: "Encoder") -> TokenStore | None:
 # -- search integration ----------------------------------------------------------
 
 
-def _image_tokens_of_file(encoder: "Encoder", path: Path) -> np.ndarray:
+def _image_of_file(encoder: "Encoder", path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """(normalised embedding, patch tokens) of one image file: one decode, one tower pass."""
     from mmsearch.decode import enable_heif, load_image
     from mmsearch.errors import InputFileError
 
+    if not path.is_file():
+        raise InputFileError(f"no such image: {path}")
     enable_heif()
     try:
         img = load_image(str(path), encoder.image_size)
     except Exception as exc:
         raise InputFileError(f"{path} is not an image this tool can read ({type(exc).__name__})") from None
-    _, tokens = encoder.embed_images_with_tokens(encoder.preprocess(img).unsqueeze(0))
-    return tokens[0]
+    vectors, tokens = encoder.embed_images_with_tokens(encoder.preprocess(img).unsqueeze(0))
+    return vectors[0], tokens[0]
 
 
-def rerank_hits(
-    home: "Home", query: str | None, image: Path | None, target: str, hits: "list[Hit]", k: int, rerank_k: int
-) -> "list[Hit]":
-    """Re-score the first ``rerank_k`` hits with the home model's re-ranker; the best ``k``.
+def rerank_query(home: "Home", query: str | None, image: Path | None, target: str) -> tuple[np.ndarray, Any]:
+    """(search vector, what the re-ranker needs of the query), from one encoder pass.
 
-    Text→image needs a plain text query; image→text needs ``image`` alone.
+    Text→image: the text's projected token states; the end-of-text state is
+    the dual-encoder embedding, so the text tower runs once. Image→text: the
+    image is decoded and encoded once for both its vector and its patch tokens.
     """
     from mmsearch.search import parse_query
 
     encoder = home.encoder()
-    reranker = Reranker.load(encoder)
-    head, rest = hits[:rerank_k], hits[rerank_k:]
     if target == "image":
         if image is not None or not query:
             raise UsageError("--rerank for images needs a text query (not --image)")
         terms = parse_query(query)
         if len(terms) != 1 or terms[0].image is not None or terms[0].weight != 1.0:
             raise UsageError("--rerank needs a plain text query, not query arithmetic")
+        with torch.inference_mode():
+            tokens = encoder.tokenize([terms[0].text]).to(encoder.device)
+            states, mask = text_token_states(encoder.model, tokens)
+            vector = nn.functional.normalize(states[0, int(mask[0].sum()) - 1].float(), dim=-1)
+        return vector.cpu().numpy().astype(np.float32), TextStates(states, mask)
+    if image is None or query:
+        raise UsageError("--rerank for texts needs --image FILE alone (no text query)")
+    return _image_of_file(encoder, image)
+
+
+def rerank_hits(home: "Home", prepared: Any, target: str, hits: "list[Hit]", k: int, rerank_k: int) -> "list[Hit]":
+    """Re-score the first ``rerank_k`` hits with the home model's re-ranker; the best ``k``.
+
+    ``prepared`` is the query as :func:`rerank_query` returned it.
+    """
+    encoder = home.encoder()
+    reranker = Reranker.load(encoder)
+    head, rest = hits[:rerank_k], hits[rerank_k:]
+    if target == "image":
         hashes = home.catalog.image_hashes([int(h.id) for h in head])
         store = TokenStore.open(home.settings.home, encoder.spec.canonical)
         stored = store.get([hashes[int(h.id)] for h in head]) if store is not None else [None] * len(head)
         candidates = []
         for hit, tokens in zip(head, stored):
             if tokens is None:  # indexed before the store existed: read the file once
-                tokens = _image_tokens_of_file(encoder, Path(str(hit.path)))
+                tokens = _image_of_file(encoder, Path(str(hit.path)))[1]
             candidates.append({"id": hit.id, "score": hit.score, "tokens": tokens})
-        scores = reranker.score(terms[0].text, candidates)
     else:
-        if image is None or query:
-            raise UsageError("--rerank for texts needs --image FILE alone (no text query)")
-        if not image.is_file():
-            from mmsearch.errors import InputFileError
-
-            raise InputFileError(f"no such image: {image}")
-        query_tokens = _image_tokens_of_file(encoder, image)
         candidates = [{"id": h.id, "score": h.score, "text": h.text or ""} for h in head]
-        scores = reranker.score(query_tokens, candidates)
+    scores = reranker.score(prepared, candidates)
     order = np.argsort(-scores, kind="stable")
     reranked = []
     for i in order:

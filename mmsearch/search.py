@@ -136,13 +136,13 @@ def search(
         what = "images" if target == "image" else "texts"
         hint = "mmsearch index FOLDER" if target == "image" else "mmsearch add-texts FILE"
         raise EmptyIndexError(f"no {what} in {home.settings.home} yet; run `{hint}` first")
-    vector = query_vector(home, query, image)
     if rerank_k > 0:
-        from mmsearch.rerank import rerank_hits
+        from mmsearch.rerank import rerank_hits, rerank_query
 
+        vector, prepared = rerank_query(home, query, image, target)  # one encoder pass for both
         hits = nearest(home, vector, target, max(k, rerank_k))
-        return rerank_hits(home, query, image, target, hits, k, rerank_k)
-    return nearest(home, vector, target, k)
+        return rerank_hits(home, prepared, target, hits, k, rerank_k)
+    return nearest(home, query_vector(home, query, image), target, k)
 
 
 def nearest(home: Home, vector: np.ndarray, target: Kind, k: int) -> list[Hit]:

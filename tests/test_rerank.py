@@ -119,3 +119,21 @@ def test_scorer_save_load_round_trip(tmp_path: Path) -> None:
     with torch.no_grad():
         assert torch.equal(scorer.eval()(*args), loaded(*args))
         assert not torch.equal(loaded(*args), torch.zeros(3))
+
+
+def test_rerank_query_shares_one_encoder_pass(untrained_rerank_model: Path, photo_dir: Path, home: Path) -> None:
+    """The re-rank path's one-pass query vectors equal the plain search's query vectors."""
+    from mmsearch.home import Home
+    from mmsearch.rerank import TextStates, rerank_query
+    from mmsearch.search import query_vector
+    from mmsearch.settings import resolve
+
+    assert run(home, untrained_rerank_model, "index", str(photo_dir), "--quiet").exit_code == 0
+    with Home.open(resolve(home=home, model=str(untrained_rerank_model)), create=False) as h:
+        vector, states = rerank_query(h, "a red picture", None, "image")
+        assert isinstance(states, TextStates) and states.states.shape[0] == 1
+        np.testing.assert_allclose(vector, query_vector(h, "a red picture", None), atol=1e-5)
+        image = photo_dir / "green.png"
+        vector, tokens = rerank_query(h, None, image, "text")
+        np.testing.assert_allclose(vector, query_vector(h, None, image), atol=1e-5)
+        assert tokens.ndim == 2 and tokens.shape[1] == 32
