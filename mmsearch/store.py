@@ -340,13 +340,6 @@ class Catalog:
                     out[i] = {"key": key, "text": text, "meta": json.loads(meta) if meta else None}
         return out
 
-    def delete(self, kind: Kind, ids: Sequence[int]) -> None:
-        if not ids:
-            return
-        with self.engine.begin() as conn:
-            _delete_ids(conn, TABLES[kind], ids)
-            _bump_generation(conn, kind)
-
     # -- both ---------------------------------------------------------------
 
     def count(self, kind: Kind) -> int:
