@@ -242,10 +242,7 @@ class Encoder:
             return np.zeros((0, self.dim), dtype=np.float32)
         tokens = self.tokenize(texts).to(self.device)
         with torch.inference_mode(), _single_thread_if(self.device == "cpu" and len(texts) <= SMALL_TEXT_BATCH):
-            if truncate and _supports_truncation(self.model):
-                features = _encode_text_truncated(self.model, tokens)
-            else:
-                features = self.model.encode_text(tokens)
+            features = encode_text_tokens(self.model, tokens, truncate=truncate)
             features = torch.nn.functional.normalize(features.float(), dim=-1)
         return features.cpu().numpy().astype(np.float32, copy=False)
 
@@ -278,6 +275,17 @@ def _single_thread_if(condition: bool) -> Iterator[None]:
 def _text_tower(model: Any) -> Any:
     """The module holding token_embedding/positional_embedding/transformer."""
     return model if hasattr(model, "token_embedding") else getattr(model, "text", None)
+
+
+def encode_text_tokens(model: Any, tokens: "torch.Tensor", *, truncate: bool = True) -> "torch.Tensor":
+    """Unnormalised text features of a token batch; at its real length when the tower allows.
+
+    The one place that decides between the truncated and the padded pass, for
+    search (:meth:`Encoder.embed_texts`) and for training alike.
+    """
+    if truncate and _supports_truncation(model):
+        return _encode_text_truncated(model, tokens)
+    return model.encode_text(tokens)
 
 
 def _supports_truncation(model: Any) -> bool:

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from mmsearch.encode import encode_text_tokens
 from mmsearch.errors import InputFileError, UsageError
 from mmsearch.evaluate import positive_ranks, recalls, scorer_corrections, text_states_padded
 from mmsearch.pairs import Pair, group, read_pairs
@@ -193,12 +194,6 @@ def _load_checkpoint(folder: Path, model: Any, opt: torch.optim.Optimizer, expec
 # -- the two stages ----------------------------------------------------------------
 
 
-def _encode_text(model: Any, tokens: torch.Tensor) -> torch.Tensor:
-    from mmsearch.encode import _encode_text_truncated, _supports_truncation
-
-    return _encode_text_truncated(model, tokens) if _supports_truncation(model) else model.encode_text(tokens)
-
-
 def _train_dual(
     model: Any, pixels: torch.Tensor, tokens: torch.Tensor, image_of: np.ndarray, text_of: np.ndarray,
     opts: TrainOptions, lr: float, progress: bool, say: Callable[[str], None],
@@ -245,7 +240,7 @@ def _train_dual(
                 imgs = _augment(pixels[image_t[idx]], gen).to(opts.device)
                 toks = tokens[text_t[idx]].to(opts.device)
                 img_f = F.normalize(model.encode_image(imgs), dim=-1)
-                txt_f = F.normalize(_encode_text(model, toks), dim=-1)
+                txt_f = F.normalize(encode_text_tokens(model, toks), dim=-1)
                 scale = model.logit_scale.exp().clamp(max=100)
                 logits = scale * img_f @ txt_f.T
                 # pairs sharing a text (or an image) are all right answers
@@ -282,7 +277,7 @@ def _frozen_states(model: Any, tokenizer: Any, pixels: torch.Tensor, texts: list
         toks.append(tokens.float().cpu())
     text_vecs = []
     for s in range(0, len(texts), 256):
-        text_vecs.append(F.normalize(_encode_text(model, tokenizer(texts[s:s + 256]).to(device)).float(), dim=-1).cpu())
+        text_vecs.append(F.normalize(encode_text_tokens(model, tokenizer(texts[s:s + 256]).to(device)).float(), dim=-1).cpu())
     states, mask = text_states_padded(model, tokenizer, texts, device)
     return {"img": torch.cat(vecs), "tok": torch.cat(toks), "txt": torch.cat(text_vecs), "states": states, "mask": mask}
 
