@@ -12,6 +12,11 @@ does not depend on the weights), saved in local-dir layout.
     python bench/index_throughput.py                 # 1,000 photos (~3 min once generated)
     python bench/index_throughput.py --photos 200    # quick
     python bench/index_throughput.py --photos 300 --configs "workers=2 workers=1 workers=0"
+    python bench/index_throughput.py --photos 400 --configs "default env:OMP_WAIT_POLICY="   # vs OpenMP's spinning default
+
+`mmsearch index` makes idle OpenMP threads sleep (OMP_WAIT_POLICY=PASSIVE,
+see mmsearch.encode.share_cores_with_decoding); an empty OMP_WAIT_POLICY
+keeps OpenMP's own default, which spins.
 """
 
 from __future__ import annotations

@@ -124,9 +124,11 @@ def index(
     strict: bool = typer.Option(False, "--strict", help="Exit non-zero (3) if any file was skipped."),
 ) -> None:
     """Embed every image under PATH...; unchanged files are not read again."""
+    from mmsearch.encode import share_cores_with_decoding
     from mmsearch.home import Home
     from mmsearch.indexer import index_paths
 
+    share_cores_with_decoding()
     with Home.open(settings_of(ctx)) as home:
         report = index_paths(
             home, paths, progress=not quiet,
@@ -315,8 +317,10 @@ def evaluate(
     """Recall@1/5/10 of text→image and image→text retrieval on a pair file (temporary index)."""
     import dataclasses
 
+    from mmsearch.encode import share_cores_with_decoding
     from mmsearch.evaluate import evaluate as run_eval
 
+    share_cores_with_decoding()
     settings = settings_of(ctx)
     if model is not None:
         settings = dataclasses.replace(settings, model=model)
