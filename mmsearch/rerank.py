@@ -116,64 +116,7 @@ class CrossAttentionScorer(nn.Module):
         return self.head(pooled).squeeze(-1)
 
 
-class FusionScorer(nn.Module):
-    """ALBEF/BLIP-style fusion: text tokens attend over image patches with learned Q/K/V.
-
-    ``layers`` blocks of (cross-attention, MLP), pre-norm with residuals, over
-    the encoder's projected token states; the masked mean of the fused text
-    tokens is read out as one correction. The read-out's last layer starts at
-    zero, so an untrained scorer changes nothing. Meant to be trained jointly
-    with the encoder (see :mod:`mmsearch.train`), so that the token states it
-    reads are themselves trained for matching.
-    """
-
-    def __init__(self, dim: int, width: int = 128, heads: int = 4, layers: int = 1):
-        super().__init__()
-        self.config = {"kind": "fusion", "dim": dim, "width": width, "heads": heads, "layers": layers}
-        self.text_in = nn.Linear(dim, width)
-        self.image_in = nn.Linear(dim, width)
-        self.blocks = nn.ModuleList(_FusionBlock(width, heads) for _ in range(layers))
-        self.out_norm = nn.LayerNorm(width)
-        self.mlp = nn.Sequential(nn.Linear(width, width), nn.GELU())
-        self.head = nn.Linear(width, 1)
-        nn.init.zeros_(self.head.weight)
-        nn.init.zeros_(self.head.bias)
-
-    def forward(self, text: torch.Tensor, text_mask: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
-        """text (B, L, dim), text_mask (B, L) bool, image (B, P, dim) -> (B,) corrections."""
-        t = self.text_in(text.float())
-        p = self.image_in(image.float())
-        for block in self.blocks:
-            t = block(t, p)
-        h = self.mlp(self.out_norm(t))
-        m = text_mask.unsqueeze(-1).to(h.dtype)
-        pooled = (h * m).sum(dim=1) / m.sum(dim=1).clamp(min=1.0)
-        return self.head(pooled).squeeze(-1)
-
-
-class _FusionBlock(nn.Module):
-    def __init__(self, width: int, heads: int):
-        super().__init__()
-        self.norm_q = nn.LayerNorm(width)
-        self.norm_kv = nn.LayerNorm(width)
-        self.attn = nn.MultiheadAttention(width, heads, batch_first=True)
-        self.norm_mlp = nn.LayerNorm(width)
-        self.mlp = nn.Sequential(nn.Linear(width, 2 * width), nn.GELU(), nn.Linear(2 * width, width))
-
-    def forward(self, t: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
-        kv = self.norm_kv(p)
-        t = t + self.attn(self.norm_q(t), kv, kv, need_weights=False)[0]
-        return t + self.mlp(self.norm_mlp(t))
-
-
-def build_scorer(config: dict[str, Any]) -> nn.Module:
-    """A scorer from its saved config (``kind`` "fusion", or the cosine read-out by default)."""
-    if config.get("kind") == "fusion":
-        return FusionScorer(int(config["dim"]), int(config["width"]), int(config["heads"]), int(config["layers"]))
-    return CrossAttentionScorer(int(config["dim"]), int(config["hidden"]))
-
-
-def save_scorer(scorer: nn.Module, folder: Path, info: dict[str, Any] | None = None) -> None:
+def save_scorer(scorer: CrossAttentionScorer, folder: Path, info: dict[str, Any] | None = None) -> None:
     """Write the re-ranker's weights (safetensors) and config next to a model."""
     from safetensors.torch import save_file
 
@@ -182,12 +125,12 @@ def save_scorer(scorer: nn.Module, folder: Path, info: dict[str, Any] | None = N
     (folder / RERANKER_CONFIG).write_text(json.dumps({**scorer.config, **(info or {})}, indent=2))
 
 
-def load_scorer(folder: Path, device: str = "cpu") -> nn.Module:
+def load_scorer(folder: Path, device: str = "cpu") -> CrossAttentionScorer:
     from safetensors.torch import load_file
 
     try:
         config = json.loads((folder / RERANKER_CONFIG).read_text())
-        scorer = build_scorer(config)
+        scorer = CrossAttentionScorer(int(config["dim"]), int(config["hidden"]))
         scorer.load_state_dict(load_file(folder / RERANKER_WEIGHTS))
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
@@ -222,7 +165,7 @@ class Reranker:
     """
 
     encoder: "Encoder"
-    scorer: nn.Module
+    scorer: CrossAttentionScorer
 
     @classmethod
     def load(cls, encoder: "Encoder") -> "Reranker":

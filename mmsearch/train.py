@@ -32,7 +32,7 @@ from mmsearch.encode import encode_text_tokens
 from mmsearch.errors import InputFileError, UsageError
 from mmsearch.evaluate import positive_ranks, recalls, scorer_corrections, text_states_padded
 from mmsearch.pairs import Pair, group, read_pairs
-from mmsearch.rerank import CrossAttentionScorer, FusionScorer, image_token_states, save_scorer, text_token_states
+from mmsearch.rerank import CrossAttentionScorer, image_token_states, save_scorer
 
 SMALL = "mmsearch-small"
 CHECKPOINT = ".checkpoint"
@@ -53,12 +53,6 @@ class TrainOptions:
     negatives: int = 15
     mine_k: int = 50
     dual_dropout: float = 0.0  # share of re-ranker training queries that see no dual score
-    scorer: str = "cosine"  # "cosine" (fixed cosine read-out) or "fusion" (learned cross-attention)
-    fusion_layers: int = 1
-    fusion_width: int = 128
-    itm_weight: float = 0.0  # > 0: train the fusion scorer jointly with the dual encoder (ALBEF-style)
-    itm_negatives: int = 4  # in-batch hard negatives per query for the joint matching loss
-    rerank_lr: float = 1e-3
     device: str = "cpu"
 
 
@@ -200,56 +194,18 @@ def _load_checkpoint(folder: Path, model: Any, opt: torch.optim.Optimizer, expec
 # -- the two stages ----------------------------------------------------------------
 
 
-def _in_batch_matching_loss(
-    scorer: Any, sims: torch.Tensor, positive: torch.Tensor, scale: torch.Tensor, img_tok: torch.Tensor,
-    states: torch.Tensor, mask: torch.Tensor, opts: TrainOptions, gen: torch.Generator,
-) -> torch.Tensor:
-    """Listwise matching loss of the scorer on in-batch hard negatives, both directions.
-
-    ``sims`` (B images, B texts) are the batch's dual-encoder cosines; each
-    query's negatives are sampled by their contrastive similarity (the harder,
-    the likelier, as in ALBEF). The dual score enters detached: the scorer
-    learns the correction to it, and its gradient reaches the encoder's token
-    states.
-    """
-    b = sims.shape[0]
-    m = min(opts.itm_negatives, int((~positive).sum(1).min()))
-    if m < 1:
-        return sims.new_zeros(())
-    losses = []
-    for text_queries in (True, False):
-        s = sims.T if text_queries else sims  # rows: queries, columns: candidates
-        with torch.no_grad():
-            w = ((scale * s).softmax(dim=1) + 1e-9).masked_fill(positive, 0)
-            negs = torch.multinomial(w.float().cpu(), m, replacement=False, generator=gen).to(s.device)
-        q = torch.arange(b, device=s.device)
-        cands = torch.cat([q[:, None], negs], dim=1)  # the positive first
-        q_rep = q[:, None].expand_as(cands).reshape(-1)
-        c_flat = cands.reshape(-1)
-        t_idx, i_idx = (q_rep, c_flat) if text_queries else (c_flat, q_rep)
-        corr = scorer(states[t_idx], mask[t_idx], img_tok[i_idx]).view(cands.shape)
-        dual = torch.gather(s.detach(), 1, cands)
-        keep = (torch.rand(b, 1, generator=gen) >= opts.dual_dropout).float().to(s.device)
-        logits = scale.detach() * (keep * dual + corr)
-        losses.append(F.cross_entropy(logits, torch.zeros(b, dtype=torch.long, device=s.device)))
-    return sum(losses) / 2
-
-
 def _train_dual(
     model: Any, pixels: torch.Tensor, tokens: torch.Tensor, image_of: np.ndarray, text_of: np.ndarray,
-    opts: TrainOptions, lr: float, progress: bool, say: Callable[[str], None], scorer: Any = None,
+    opts: TrainOptions, lr: float, progress: bool, say: Callable[[str], None],
 ) -> int:
-    """Contrastive training; with ``scorer`` (and ``itm_weight``) the scorer is trained jointly."""
     from tqdm import tqdm
 
     n = len(image_of)
     batch = min(opts.batch_size, n)
     steps = max(1, n // batch)
     total = steps * opts.epochs
-    joint = scorer is not None and opts.itm_weight > 0
-    trained = torch.nn.ModuleDict({"clip": model, **({"scorer": scorer} if joint else {})})
-    decay = [p for p in trained.parameters() if p.ndim >= 2]
-    no_decay = [p for p in trained.parameters() if p.ndim < 2]
+    decay = [p for p in model.parameters() if p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.ndim < 2]
     opt = torch.optim.AdamW(
         [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
         lr=lr, betas=(0.9, 0.98), eps=1e-6, foreach=True,
@@ -259,10 +215,9 @@ def _train_dual(
         opt, lambda s: (s + 1) / warmup if s < warmup else 0.5 * (1 + math.cos(math.pi * (s - warmup) / max(1, total - warmup)))
     )
     expect = {"pairs": str(opts.pairs.resolve()), "base": opts.base, "seed": opts.seed, "epochs": opts.epochs,
-              "batch_size": batch, "lr": lr, "val_fraction": opts.val_fraction,
-              "joint": [opts.scorer, opts.fusion_layers, opts.fusion_width, opts.itm_weight, opts.itm_negatives] if joint else None}
+              "batch_size": batch, "lr": lr, "val_fraction": opts.val_fraction}
     ckpt = opts.out / CHECKPOINT
-    start = _load_checkpoint(ckpt, trained, opt, expect)
+    start = _load_checkpoint(ckpt, model, opt, expect)
     if start:
         say(f"resuming from the checkpoint after epoch {start}/{opts.epochs}")
         import warnings
@@ -277,21 +232,15 @@ def _train_dual(
                dynamic_ncols=True, desc="dual encoder")
     try:
         for epoch in range(start, opts.epochs):
-            trained.train()
+            model.train()
             gen = torch.Generator().manual_seed(opts.seed * 100003 + epoch)
             perm = torch.randperm(n, generator=gen)
             for step in range(steps):
                 idx = perm[step * batch:(step + 1) * batch]
                 imgs = _augment(pixels[image_t[idx]], gen).to(opts.device)
                 toks = tokens[text_t[idx]].to(opts.device)
-                if joint:
-                    pooled, img_tok = image_token_states(model, imgs)
-                    states, mask = text_token_states(model, toks)
-                    img_f = F.normalize(pooled, dim=-1)
-                    txt_f = F.normalize(states[torch.arange(len(toks)), mask.sum(1) - 1], dim=-1)
-                else:
-                    img_f = F.normalize(model.encode_image(imgs), dim=-1)
-                    txt_f = F.normalize(encode_text_tokens(model, toks), dim=-1)
+                img_f = F.normalize(model.encode_image(imgs), dim=-1)
+                txt_f = F.normalize(encode_text_tokens(model, toks), dim=-1)
                 scale = model.logit_scale.exp().clamp(max=100)
                 logits = scale * img_f @ txt_f.T
                 # pairs sharing a text (or an image) are all right answers
@@ -303,11 +252,6 @@ def _train_dual(
                     -(target_i * F.log_softmax(logits, dim=1)).sum(1).mean()
                     - (target_t * F.log_softmax(logits.T, dim=1)).sum(1).mean()
                 )
-                if joint:
-                    positive = (same_text + same_image) > 0
-                    loss = loss + opts.itm_weight * _in_batch_matching_loss(
-                        scorer, img_f @ txt_f.T, positive, scale, img_tok, states, mask, opts, gen
-                    )
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -316,10 +260,10 @@ def _train_dual(
                     model.logit_scale.clamp_(0, math.log(100))
                 bar.update(1)
                 bar.set_postfix(epoch=epoch + 1, loss=f"{loss.item():.3f}")
-            _save_checkpoint(ckpt, trained, opt, {**expect, "epoch": epoch + 1})
+            _save_checkpoint(ckpt, model, opt, {**expect, "epoch": epoch + 1})
     finally:
         bar.close()
-    trained.eval()
+    model.eval()
     return start
 
 
@@ -352,18 +296,16 @@ def _val_recalls(frozen: dict[str, Any], positives: np.ndarray, scorer: Any, k: 
 
 
 def _train_reranker(
-    frozen: dict[str, Any], positives: np.ndarray, scale: float, opts: TrainOptions, progress: bool,
-    scorer: Any = None,
-) -> Any:
-    """Learn (or refine) the correction on the dual encoder's own hard negatives, both directions."""
+    frozen: dict[str, Any], positives: np.ndarray, scale: float, opts: TrainOptions, progress: bool
+) -> CrossAttentionScorer:
+    """Learn the correction on the dual encoder's own hard negatives, both directions."""
     from tqdm import tqdm
 
     torch.manual_seed(opts.seed)
     rng = np.random.default_rng(opts.seed)
     dim = frozen["tok"].shape[-1]
-    if scorer is None:
-        scorer = CrossAttentionScorer(dim).to(opts.device)
-    opt = torch.optim.AdamW(scorer.parameters(), lr=opts.rerank_lr, weight_decay=0.01)
+    scorer = CrossAttentionScorer(dim).to(opts.device)
+    opt = torch.optim.AdamW(scorer.parameters(), lr=1e-3, weight_decay=0.01)
     sims = (frozen["txt"] @ frozen["img"].T).numpy()
 
     def mine(scores: np.ndarray, pos: np.ndarray) -> list[np.ndarray]:
@@ -453,13 +395,7 @@ def train(opts: TrainOptions, *, progress: bool = True, say: Callable[[str], Non
     tokens = tokenizer(tr_texts)
     image_of = np.array([i for i, _ in tr_links], dtype=np.int64)
     text_of = np.array([j for _, j in tr_links], dtype=np.int64)
-    scorer = None
-    if opts.scorer == "fusion":
-        torch.manual_seed(opts.seed + 1)
-        scorer = FusionScorer(int(model_cfg["embed_dim"]), width=opts.fusion_width, layers=opts.fusion_layers).to(opts.device)
-    elif opts.scorer != "cosine":
-        raise UsageError(f"unknown scorer {opts.scorer!r} (cosine or fusion)")
-    resumed = _train_dual(model, pixels, tokens, image_of, text_of, opts, lr, progress, say, scorer)
+    resumed = _train_dual(model, pixels, tokens, image_of, text_of, opts, lr, progress, say)
 
     # the dual encoder is final: write it first, so it is kept whatever the re-ranker does
     (opts.out / "open_clip_config.json").write_text(
@@ -473,7 +409,7 @@ def train(opts: TrainOptions, *, progress: bool = True, say: Callable[[str], Non
 
     frozen = _frozen_states(model, tokenizer, pixels, tr_texts, opts.device)
     scale = float(model.logit_scale.exp().item())
-    scorer = _train_reranker(frozen, _positives(tr_images, tr_texts, tr_links), scale, opts, progress, scorer)
+    scorer = _train_reranker(frozen, _positives(tr_images, tr_texts, tr_links), scale, opts, progress)
 
     va_images, va_texts, va_links = group(val_pairs)
     val_frozen = _frozen_states(model, tokenizer, _load_pixels(va_images, preprocess, size), va_texts, opts.device)
