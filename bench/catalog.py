@@ -15,14 +15,14 @@ import numpy as np
 
 from _common import Timer, clustered_vectors, machine, percentiles, table
 
-from mmsearch.store import Catalog, to_blob
+from mmsearch.store import Catalog
 
 
 def rows_for(vectors: np.ndarray, start: int) -> list[dict]:
     return [
         {"path": f"/photos/{(start + i) // 1000:04d}/img_{start + i:07d}.jpg", "size": 1_500_000 + i,
          "mtime_ns": 1_700_000_000_000_000_000 + i, "content_hash": f"{start + i:032x}",
-         "width": 3000, "height": 2000, "vector": to_blob(v)}
+         "width": 3000, "height": 2000, "vector": v}
         for i, v in enumerate(vectors)
     ]
 

@@ -123,12 +123,14 @@ def _check_catalog(home: Home, report: CheckReport) -> None:
                 report.add("error", "no-dim", f"the catalog holds {count} {kind}s but records no vector dimension", kind)
             if count and dim is not None:
                 bad = conn.execute(
-                    select(func.count()).select_from(table).where(func.length(table.vector) != dim * 4)
+                    select(func.count()).select_from(table).where(
+                        func.length(table.vector) != dim * home.catalog.vector_dtype.itemsize
+                    )
                 ).scalar_one()
                 if bad:
                     report.add(
                         "error", "bad-vector",
-                        f"{bad} {kind} rows hold a vector that is not {dim} float32 values", kind,
+                        f"{bad} {kind} rows hold a vector that is not {dim} {home.catalog.vector_dtype_name} values", kind,
                     )
 
 

@@ -22,7 +22,7 @@ import numpy as np
 from mmsearch.decode import Decoded, Skipped, decode_file, decode_many, enable_heif
 from mmsearch.discover import FileEntry, check_roots, walk
 from mmsearch.home import Home
-from mmsearch.store import ImageState, _is_under, to_blob
+from mmsearch.store import ImageState, _is_under
 
 SkipHandler = Callable[[str, str], None]
 
@@ -81,8 +81,7 @@ class _Writer:
         # A reused vector's twin is in this batch or, flushed earlier, in the catalog.
         twins = {it.content_hash: (it.vector, it.width, it.height) for it in items if it.vector is not None}
         missing = [it.content_hash for it in items if it.vector is None and it.content_hash not in twins]
-        for h, (blob, w, hgt) in (catalog.vectors_by_hash(missing) if missing else {}).items():
-            twins[h] = (np.frombuffer(blob, dtype="<f4"), w, hgt)
+        twins.update(catalog.vectors_by_hash(missing) if missing else {})
         new_rows, changed_rows, vectors_new, vectors_changed, changed_ids = [], [], [], [], []
         for it in items:
             if it.vector is None:
@@ -92,7 +91,7 @@ class _Writer:
                 vector, width, height = twin
                 self.report.reused += 1
             else:
-                vector, width, height = it.vector, it.width, it.height
+                vector, width, height = catalog.stored(it.vector), it.width, it.height
             row = {
                 "path": it.entry.path,
                 "size": it.entry.size,
@@ -100,7 +99,7 @@ class _Writer:
                 "content_hash": it.content_hash,
                 "width": width,
                 "height": height,
-                "vector": to_blob(vector),
+                "vector": vector,
             }
             state = self.states.get(it.entry.path)
             if state is None:

@@ -20,7 +20,6 @@ import numpy as np
 
 from mmsearch.errors import InputFileError
 from mmsearch.home import Home
-from mmsearch.store import to_blob
 
 SUFFIXES = (".txt", ".jsonl", ".csv")
 
@@ -163,7 +162,7 @@ def add_texts(
                     chunk = order[start:start + batch]
                     tokens = encoder.tokenize([it.text for it in chunk])
                     report.truncated += int((tokens[:, -1] != 0).sum())
-                    vectors = encoder.embed_texts([it.text for it in chunk])
+                    vectors = home.catalog.stored(encoder.embed_texts([it.text for it in chunk]))
                     new, changed, new_vecs, changed_vecs, changed_ids = [], [], [], [], []
                     for item, vector in zip(chunk, vectors):
                         row = {
@@ -171,7 +170,7 @@ def add_texts(
                             "text": item.text,
                             "source": str(path.resolve()),
                             "meta": json.dumps(item.meta, ensure_ascii=False) if item.meta else None,
-                            "vector": to_blob(vector),
+                            "vector": vector,
                         }
                         if item.key in stored:
                             changed.append({"id": stored[item.key][0], **row})

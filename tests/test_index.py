@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 
 from mmsearch.index import VectorIndex, open_index, sidecar_path
-from mmsearch.store import Catalog, to_blob
+from mmsearch.store import Catalog
 
 
 def _unit(rng, n, dim=8):
@@ -47,7 +47,7 @@ def test_stale_or_broken_index_is_rebuilt_from_catalog(tmp_path: Path):
     with Catalog.open(tmp_path / "c.sqlite3") as catalog:
         rows = [
             {"path": f"/p/{i}", "size": 1, "mtime_ns": 1, "content_hash": str(i), "width": 1, "height": 1,
-             "vector": to_blob(v)}
+             "vector": v}
             for i, v in enumerate(vectors)
         ]
         ids = catalog.write_images(rows, [])

@@ -7,7 +7,7 @@ import pytest
 
 from mmsearch import index as index_mod
 from mmsearch.index import VectorIndex, build_from_catalog, fits, new_faiss_index, open_index
-from mmsearch.store import Catalog, to_blob
+from mmsearch.store import Catalog
 
 
 def clustered(n: int, dim: int = 16, seed: int = 0) -> np.ndarray:
@@ -62,7 +62,7 @@ def small_threshold(monkeypatch):
 def fill(catalog: Catalog, vectors: np.ndarray, start: int = 0) -> list[int]:
     rows = [
         {"path": f"/p/{start + i}.jpg", "size": 1, "mtime_ns": 1, "content_hash": f"h{start + i}",
-         "width": 1, "height": 1, "vector": to_blob(v)}
+         "width": 1, "height": 1, "vector": v}
         for i, v in enumerate(vectors)
     ]
     return catalog.write_images(rows, [])

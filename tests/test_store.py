@@ -33,7 +33,7 @@ def test_open_is_idempotent_and_uses_wal(tmp_path: Path):
 def _row(i: int, dim: int = 4) -> dict:
     return {
         "path": f"/photos/{i}.jpg", "size": i, "mtime_ns": i * 10, "content_hash": f"h{i}",
-        "width": 8, "height": 6, "vector": to_blob(np.full(dim, i, dtype=np.float32)),
+        "width": 8, "height": 6, "vector": np.full(dim, i, dtype=np.float32),
     }
 
 
@@ -64,6 +64,48 @@ def test_ids_are_never_reused(tmp_path: Path):
 def test_blobs_round_trip():
     vectors = np.random.default_rng(0).standard_normal((3, 5)).astype(np.float32)
     np.testing.assert_array_equal(from_blobs([to_blob(v) for v in vectors], 5), vectors)
+
+
+def test_new_catalog_stores_float16_and_a_rebuild_sees_what_stored_returns(tmp_path: Path):
+    rng = np.random.default_rng(0)
+    vectors, queries = rng.standard_normal((200, 512)).astype(np.float32), rng.standard_normal((20, 512)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    queries /= np.linalg.norm(queries, axis=1, keepdims=True)
+    with Catalog.open(tmp_path / "c.sqlite3") as catalog:
+        assert catalog.vector_dtype_name == "float16"
+        rows = [{**_row(i, 512), "vector": v} for i, v in enumerate(vectors)]
+        ids = catalog.write_images(rows, [])
+        with catalog.engine.connect() as conn:
+            assert conn.exec_driver_sql("SELECT DISTINCT length(vector) FROM images").scalars().all() == [1024]
+        (read_ids, read), = catalog.iter_vectors("image", 512)
+        assert read_ids.tolist() == ids
+        np.testing.assert_array_equal(read, catalog.stored(vectors))  # live index == rebuilt index
+        assert np.abs(queries @ read.T - queries @ vectors.T).max() < 1e-4  # cosine scores barely move
+        h5 = catalog.vectors_by_hash(["h5"])["h5"]
+        np.testing.assert_array_equal(h5[0], read[5])
+
+
+def test_a_catalog_with_float32_rows_keeps_float32(tmp_path: Path):
+    from alembic import command
+
+    from mmsearch.migrate import alembic_config
+
+    path = tmp_path / "old.sqlite3"
+    engine = make_engine(path)
+    command.upgrade(alembic_config(engine), "0003")  # a catalog written before float16 storage
+    vector = np.linspace(-1, 1, 8, dtype=np.float32) / 3
+    with engine.begin() as conn:
+        conn.exec_driver_sql(
+            "INSERT INTO images (path, size, mtime_ns, content_hash, width, height, vector, indexed_at) "
+            "VALUES ('/p/a.jpg', 1, 1, 'h', 1, 1, ?, 0)", (to_blob(vector),),
+        )
+    engine.dispose()
+    with Catalog.open(path) as catalog:
+        assert catalog.vector_dtype_name == "float32"
+        np.testing.assert_array_equal(catalog.vectors("image", [1], 8)[1], vector)  # bit for bit
+        catalog.write_images([{**_row(2, 8), "vector": vector}], [])
+        (_, read), = catalog.iter_vectors("image", 8)
+        np.testing.assert_array_equal(read, np.stack([vector, vector]))
 
 
 def test_prefix_is_a_folder_boundary(tmp_path: Path):
