@@ -68,3 +68,30 @@ def test_model_dir_without_weights(tmp_path, tiny_model):
     (folder / "open_clip_config.json").write_text((tiny_model / "open_clip_config.json").read_text())
     with pytest.raises(ModelUnavailableError, match="holds no weights"):
         load_encoder(str(folder), "cpu")
+
+
+@pytest.mark.parametrize("listening", [True, False])
+def test_an_unreachable_hub_is_put_offline_at_once(monkeypatch, listening):
+    """With no route to the hub, huggingface_hub goes cache-only instead of retrying for a minute."""
+    import socket
+
+    from huggingface_hub import constants
+
+    from mmsearch.encode import hub_offline_unless_reachable
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    port = server.getsockname()[1]
+    if listening:
+        server.listen(1)
+    else:
+        server.close()  # nothing listens on the port: connection refused
+    for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy", "HTTP_PROXY", "http_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{port}")
+    try:
+        assert hub_offline_unless_reachable(timeout=2.0) is (not listening)
+        assert constants.HF_HUB_OFFLINE is (not listening)
+    finally:
+        server.close()
