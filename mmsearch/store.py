@@ -438,9 +438,9 @@ def _insert_rows(conn: Any, table: Any, rows: Sequence[dict[str, Any]], blobs: S
         f"INSERT INTO {table.__tablename__} ({', '.join(quote(c) for c in columns)}, vector, indexed_at) "
         f"VALUES ({', '.join('?' for _ in columns)}, ?, ?)"
     )
-    values = operator.itemgetter(*columns)
+    fields = operator.itemgetter(*columns)
     before = sequence()
-    conn.exec_driver_sql(sql, [(*values(row), blob, now) for row, blob in zip(rows, blobs)])
+    conn.exec_driver_sql(sql, [(*fields(row), blob, now) for row, blob in zip(rows, blobs)])
     after = sequence()
     if after - before == len(rows):
         return list(range(before + 1, after + 1))
