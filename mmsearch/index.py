@@ -22,10 +22,15 @@ from mmsearch.store import Catalog, Kind
 
 #: Index types this module can build. ``flat`` is exact inner product; ``ivf``
 #: is an inverted-file index (k-means cells, the ``nprobe`` nearest cells are
-#: scanned exactly). IVF rather than HNSW: IVF removes ids (a deleted or
-#: changed file never comes back from a search), adds new vectors without a
-#: rebuild, and trains in a minute per million vectors on two cores.
-INDEX_TYPES = ("flat", "ivf")
+#: scanned), its vectors stored as float16. IVF rather than HNSW: IVF removes
+#: ids (a deleted or changed file never comes back from a search), adds new
+#: vectors without a rebuild, and trains in a minute per million vectors on
+#: two cores. A single query is memory-bound (it reads every vector of the
+#: scanned cells), so float16 halves both the bytes read and the index's
+#: memory; unit vectors lose ~1e-3 of score to it, which left recall@10
+#: unchanged in bench/query_latency.py. ``ivf-flat`` (float32 vectors, what
+#: ``ivf`` built before) stays loadable and buildable for comparison.
+INDEX_TYPES = ("flat", "ivf", "ivf-flat")
 
 #: Below this many vectors exact search is kept: ~2 ms at 10k and ~18 ms at 100k per query
 #: on 2 quiet cores (360+ ms at 1M), exact results, no training (bench/query_latency.py).
@@ -49,9 +54,11 @@ def ivf_cells(count: int) -> int:
 def ivf_nprobe(nlist: int) -> int:
     """Cells scanned per query (32 of 2048 at a million vectors).
 
-    On CLIP-like synthetic vectors recall@10 stayed 1.0 down to 8 cells
-    (bench/query_latency.py --sweep); real embeddings are less clustered, so
-    this keeps a margin while a million-vector query stays near 5 ms.
+    On CLIP-like synthetic vectors at 1M (bench/query_latency.py --sweep),
+    recall@10 of text-like queries, whose neighbours lie across the modality
+    gap and spread over cells, was 0.968 at 16 cells, 0.990 at 32 and 0.995
+    at 48; image queries 0.990 / 0.998 / 1.000. 32 keeps a margin above 0.95
+    for embeddings less kind than the synthetic ones at ~2.5-3 ms a query.
     """
     return max(16, nlist // 64)
 
@@ -70,10 +77,17 @@ def new_faiss_index(dim: int, index_type: str, count: int = 0) -> Any:
     faiss = _faiss()
     if index_type == "flat":
         return faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
-    if index_type == "ivf":
+    if index_type in ("ivf", "ivf-flat"):
         nlist = ivf_cells(count)
         # IVF stores ids itself, and its remove_ids is correct; IDMap around it is not
-        index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, nlist, faiss.METRIC_INNER_PRODUCT)
+        quantizer = faiss.IndexFlatIP(dim)
+        if index_type == "ivf-flat":
+            index = faiss.IndexIVFFlat(quantizer, dim, nlist, faiss.METRIC_INNER_PRODUCT)
+        else:
+            index = faiss.IndexIVFScalarQuantizer(
+                quantizer, dim, nlist, faiss.ScalarQuantizer.QT_fp16, faiss.METRIC_INNER_PRODUCT,
+                False,  # encode the vectors themselves, not residuals: no per-cell term at search time
+            )
         index.nprobe = ivf_nprobe(nlist)
         return index
     raise ValueError(f"unknown index type {index_type!r}")
@@ -126,7 +140,7 @@ class VectorIndex:
     def ids(self) -> np.ndarray:
         import faiss
 
-        if self.index_type == "flat":
+        if not self.index_type.startswith("ivf"):
             return faiss.vector_to_array(self.faiss_index.id_map).astype(np.int64)
         lists = self.faiss_index.invlists
         parts = [
@@ -146,8 +160,9 @@ class VectorIndex:
             "index_type": self.index_type,
             "count": self.count,
             "generation": self.generation,
-            **({"nlist": int(self.faiss_index.nlist), "nprobe": int(self.faiss_index.nprobe)}
-               if self.index_type == "ivf" else {}),
+            **({"nlist": int(self.faiss_index.nlist), "nprobe": int(self.faiss_index.nprobe),
+                "storage": "float16" if hasattr(self.faiss_index, "sq") else "float32"}
+               if self.index_type.startswith("ivf") else {}),
         }
 
     def save(self, path: Path) -> None:

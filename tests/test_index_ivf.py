@@ -98,3 +98,34 @@ def test_build_from_catalog_ivf_holds_exactly_the_catalog(tmp_path, small_thresh
         idx = build_from_catalog(catalog, "image", 16, "m")
         assert idx.index_type == "ivf"
         assert sorted(idx.ids().tolist()) == sorted(ids[100:])
+
+
+def test_ivf_stores_float16_and_ivf_flat_float32_both_round_trip(tmp_path):
+    vectors = clustered(2000)
+    ids = np.arange(1, 2001, dtype=np.int64)
+    for kind, storage in (("ivf", "float16"), ("ivf-flat", "float32")):
+        idx = VectorIndex("image", 16, "m", kind, new_faiss_index(16, kind, len(vectors)))
+        idx.train(vectors)
+        idx.add(ids, vectors)
+        assert idx.sidecar()["storage"] == storage
+        idx.save(tmp_path / f"{kind}.faiss")
+        loaded = VectorIndex.load(tmp_path / f"{kind}.faiss")
+        assert loaded.sidecar()["storage"] == storage and loaded.index_type == kind
+        scores, found = loaded.search(vectors[:20], 1)
+        assert (found[:, 0] == ids[:20]).all()
+        np.testing.assert_allclose(scores[:, 0], 1.0, atol=2e-3)  # float16 costs ~1e-3 of a score, no more
+
+
+def test_ivf_flat_index_saved_by_an_older_version_is_kept(tmp_path, small_threshold):
+    """An index saved as IVFFlat under the name ``ivf`` still loads, searches and is not rebuilt."""
+    vectors = clustered(1500)
+    with Catalog.open(tmp_path / "c.sqlite3") as catalog:
+        ids = fill(catalog, vectors)
+        old = VectorIndex("image", 16, "m", "ivf", new_faiss_index(16, "ivf-flat", len(vectors)))
+        old.train(vectors)
+        old.add(np.array(ids), vectors)
+        old.generation = catalog.generation("image")
+        path = tmp_path / "images.faiss"
+        old.save(path)
+        again = open_index(catalog, path, "image", 16, "m", on_rebuild=lambda _: pytest.fail("rebuilt"))
+        assert again.sidecar()["storage"] == "float32" and again.count == 1500
