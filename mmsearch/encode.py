@@ -50,9 +50,10 @@ def share_cores_with_decoding() -> bool:
 
     Indexing decodes images in threads while the model runs on all cores. By
     default an idle OpenMP thread spins for a while, holding a core the
-    decoders need, and each op then waits for its slowest thread: on 2 cores
-    that cost ~20% of indexing throughput (bench/index_throughput.py: 0.62 →
-    0.80 of the model-only rate). The policy is read when the OpenMP runtime
+    decoders need, and each op then waits for its slowest thread. On 2 cores
+    (bench/index_throughput.py, share of the model-only rate) sleeping gave
+    0.62 → 0.80 and 0.74 → 0.82 under load from other jobs, 0.61 → 0.64 on a
+    quiet machine. The policy is read when the OpenMP runtime
     loads, so this does nothing once torch is imported, or when the user set
     ``OMP_WAIT_POLICY`` already. Returns whether the policy is now passive.
     """
