@@ -176,6 +176,10 @@ def _set_sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     # pages: bulk inserts of 512-d rows run ~3x faster. Only takes effect when
     # the database file is created; existing catalogs keep their page size.
     cursor.execute("PRAGMA page_size=32768")
+    # 64 MiB of page cache instead of SQLite's 2 MiB (62 such pages): bulk
+    # inserts into the content-hash index, random by nature, stop re-reading
+    # pages (~+12% rows/s, bench/catalog.py); pages are allocated only when used.
+    cursor.execute("PRAGMA cache_size=-65536")
     cursor.execute("PRAGMA journal_mode=WAL")
     cursor.execute("PRAGMA synchronous=NORMAL")
     cursor.execute("PRAGMA busy_timeout=30000")
