@@ -13,6 +13,7 @@ does not depend on the weights), saved in local-dir layout.
     python bench/index_throughput.py --photos 200    # quick
     python bench/index_throughput.py --photos 300 --configs "workers=2 workers=1 workers=0"
     python bench/index_throughput.py --photos 400 --configs "default env:OMP_WAIT_POLICY="   # vs OpenMP's spinning default
+    python bench/index_throughput.py --photos 400 --configs "default int8=1"   # the opt-in int8 image tower
 
 `mmsearch index` makes idle OpenMP threads sleep (OMP_WAIT_POLICY=PASSIVE,
 see mmsearch.encode.share_cores_with_decoding); an empty OMP_WAIT_POLICY
@@ -75,7 +76,7 @@ def main() -> None:
     ap.add_argument("--photos", type=int, default=1000, help="how many 3000x2000 JPEGs to index")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--configs", default="default",
-                    help="space-separated runs: 'default', or comma lists of workers=N, threads=N (OMP_NUM_THREADS), env:VAR=V")
+                    help="space-separated runs: 'default', or comma lists of workers=N, threads=N (OMP_NUM_THREADS), int8=1, env:VAR=V")
     args = ap.parse_args()
 
     print(machine())
@@ -104,6 +105,8 @@ def main() -> None:
                 key, value = part.split("=", 1)
                 if key == "workers":
                     cli += ["--workers", value]
+                elif key == "int8":
+                    cli += ["--int8"] if value == "1" else []
                 elif key == "threads":
                     env_extra["OMP_NUM_THREADS"] = value
                 elif key.startswith("env:"):

@@ -106,12 +106,20 @@ def main_options(
     workers: Optional[int] = typer.Option(
         None, "--workers", metavar="N", help="Image decode threads. Env: MMSEARCH_WORKERS. Default: min(4, cores)."
     ),
+    int8: bool = typer.Option(
+        False, "--int8",
+        help=(
+            "Encode images with int8 dynamic quantisation (CPU only): ~1.5x faster indexing with ViT-B-32, "
+            "embeddings within cosine ~0.9997 of float32; off by default until shown equal on pretrained "
+            "weights. Env: MMSEARCH_INT8=1."
+        ),
+    ),
     version: bool = typer.Option(
         False, "--version", callback=version_callback, is_eager=True, help="Print the version and exit."
     ),
 ) -> None:
     """Search your images and texts by meaning."""
-    ctx.obj = resolve(home=home, model=model, device=device, batch_size=batch_size, workers=workers)
+    ctx.obj = resolve(home=home, model=model, device=device, batch_size=batch_size, workers=workers, int8=int8 or None)
 
 
 @app.command()

@@ -389,11 +389,18 @@ def _encode_text_truncated(model: Any, tokens: "torch.Tensor") -> "torch.Tensor"
     return x
 
 
-def load_encoder(spec: ModelSpec | str, device: str = "auto") -> Encoder:
-    """Build the encoder a spec names; every failure is a one-line MmsearchError."""
+def load_encoder(spec: ModelSpec | str, device: str = "auto", *, int8: bool = False) -> Encoder:
+    """Build the encoder a spec names; every failure is a one-line MmsearchError.
+
+    ``int8`` quantises the image tower (CPU only, see :mod:`mmsearch.quantize`).
+    """
     if isinstance(spec, str):
         spec = parse(spec)
     device = resolve_device(device)
     model, preprocess, tokenizer = _create(spec, device)
     model.eval()
+    if int8:
+        from mmsearch.quantize import quantize_image_tower
+
+        quantize_image_tower(model, device)
     return Encoder(spec=spec, model=model, preprocess=preprocess, tokenizer=tokenizer, device=device)

@@ -69,7 +69,7 @@ class Home:
         if self._encoder is None:
             from mmsearch.encode import load_encoder
 
-            encoder = load_encoder(self.spec, self.settings.device)
+            encoder = load_encoder(self.spec, self.settings.device, int8=self.settings.int8)
             dim = self.dim
             if dim is not None and dim != encoder.dim:
                 raise ModelMismatchError(

@@ -35,6 +35,15 @@ def _env_int(name: str, default: int) -> int:
         raise UsageError(f"{name}={raw!r} is not a whole number") from None
 
 
+def _env_bool(name: str) -> bool:
+    raw = os.environ.get(name, "").strip().lower()
+    if raw in ("", "0", "false", "no", "off"):
+        return False
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    raise UsageError(f"{name}={os.environ[name]!r} is not a yes/no value (use 1 or 0)")
+
+
 @dataclass(frozen=True)
 class Settings:
     """Everything a command needs to know about where and how to work."""
@@ -48,6 +57,8 @@ class Settings:
     batch_size: int = 32
     #: Decode workers; 0 decodes in the calling thread.
     workers: int = 2
+    #: Encode images with int8 dynamic quantisation (CPU only; see mmsearch.quantize).
+    int8: bool = False
 
     @property
     def catalog_path(self) -> Path:
@@ -67,6 +78,7 @@ def resolve(
     device: str | None = None,
     batch_size: int | None = None,
     workers: int | None = None,
+    int8: bool | None = None,
 ) -> Settings:
     """Build :class:`Settings` from explicit values, the environment and defaults."""
     home_raw = home if home is not None else os.environ.get("MMSEARCH_HOME") or None
@@ -86,4 +98,5 @@ def resolve(
         device=device,
         batch_size=batch_size,
         workers=workers,
+        int8=int8 if int8 is not None else _env_bool("MMSEARCH_INT8"),
     )
