@@ -18,7 +18,7 @@ from typing import Any, Optional, TypeVar
 import typer
 
 from mmsearch import __version__
-from mmsearch.errors import MmsearchError
+from mmsearch.errors import MmsearchError, UsageError
 from mmsearch.settings import DEFAULT_MODEL, Settings, resolve
 
 app = typer.Typer(
@@ -293,6 +293,8 @@ def train(
     from mmsearch.train import TrainOptions, train as run_train
 
     settings = settings_of(ctx)
+    if settings.int8:
+        raise UsageError("--int8 is for index, search and eval; training runs in float32")
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     opts = TrainOptions(
         pairs=pairs, out=out, base=base, epochs=epochs, batch_size=batch, lr=lr, seed=seed,

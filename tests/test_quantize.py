@@ -67,3 +67,8 @@ def test_index_and_search_with_int8(tiny_model, photo_dir, home):
                                 "--json"], catch_exceptions=False)
     assert found.exit_code == 0, found.output
     assert json.loads(found.stdout.strip().splitlines()[0])["path"] == str(photo_dir / "red.jpg")
+
+
+def test_train_refuses_int8(tmp_path):
+    out = CliRunner().invoke(app, ["--int8", "train", str(tmp_path / "pairs.jsonl"), "--out", str(tmp_path / "m")])
+    assert out.exit_code != 0 and "--int8" in out.output and "Traceback" not in out.output
