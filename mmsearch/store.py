@@ -217,7 +217,7 @@ class Catalog:
         vectors = [row["vector"] for row in rows]
         if not all(isinstance(v, np.ndarray) for v in vectors):
             raise TypeError("catalog rows hold their vector as a numpy array")
-        block = np.ascontiguousarray(np.stack(vectors), dtype=self.vector_dtype)
+        block = np.asarray(vectors, dtype=self.vector_dtype)  # one pass; faster than stack, then cast
         data, width = block.tobytes(), block.itemsize * (block.size // len(rows))
         return [data[i * width:(i + 1) * width] for i in range(len(rows))]
 
