@@ -179,7 +179,8 @@ def _check_index(home: Home, kind: Kind, report: CheckReport) -> None:
     absent = np.setdiff1d(catalog_ids, unique_ids)
     if len(absent):
         report.add("fixable", "missing-vectors", f"{len(absent)} catalog {kind}s have no vector in {path.name}", kind)
-    if index.index_type == "flat" and index.dim == report.dim and len(unique_ids) == len(faiss_ids):
+    damaged = any(f.code == "bad-vector" and f.kind == kind for f in report.findings)  # already reported
+    if index.index_type == "flat" and index.dim == report.dim and len(unique_ids) == len(faiss_ids) and not damaged:
         differ = _count_differing_vectors(home, kind, index, faiss_ids)
         if differ:
             report.add("fixable", "vector-differs", f"{differ} vectors in {path.name} differ from the catalog's", kind)

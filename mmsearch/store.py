@@ -136,6 +136,13 @@ def from_blobs(blobs: Sequence[bytes], dim: int, dtype: np.dtype = VECTOR_DTYPES
     """``(len(blobs), dim)`` float32 vectors from blobs of ``dtype`` values."""
     if not blobs:
         return np.zeros((0, dim), dtype=np.float32)
+    size = dim * np.dtype(dtype).itemsize
+    bad = sum(len(blob) != size for blob in blobs)
+    if bad:
+        raise CatalogError(
+            f"{bad} stored vectors are not {dim} {np.dtype(dtype).name} values: the catalog is damaged "
+            "(`mmsearch check` reports it)"
+        )
     return np.frombuffer(b"".join(blobs), dtype=dtype).reshape(len(blobs), dim).astype(np.float32)
 
 

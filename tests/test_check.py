@@ -148,3 +148,14 @@ def test_index_files_are_written_atomically(tmp_path: Path, monkeypatch: pytest.
     assert VectorIndex.load(target).count == 2
     assert target.stat().st_mode & 0o777 == 0o644  # readable by others sharing the home, like the catalog
     assert sorted(p.name for p in tmp_path.iterdir()) == ["images.faiss", "images.faiss.json"]
+
+
+def test_a_vector_of_the_wrong_size_is_found(indexed: tuple[list[str], Path]) -> None:
+    base, home = indexed
+    with Catalog.open(home / "catalog.sqlite3") as catalog:
+        assert catalog.vector_dtype_name == "float16"
+        with catalog.engine.begin() as conn:  # a float32 blob where the catalog holds float16
+            conn.exec_driver_sql("UPDATE images SET vector = zeroblob(2 * length(vector)) WHERE id = 1")
+    code, report = check(base)
+    assert code != 0 and "bad-vector" in codes(report)
+    assert any("float16" in f["message"] for f in report["findings"] if f["code"] == "bad-vector")

@@ -121,3 +121,10 @@ def test_unreadable_catalog_is_a_clear_error(tmp_path: Path):
     bad.write_bytes(b"this is not a database" * 100)
     with pytest.raises(CatalogError, match="cannot open catalog"):
         Catalog.open(bad)
+
+
+def test_a_damaged_vector_is_a_catalog_error_not_a_crash():
+    from mmsearch.errors import CatalogError
+
+    with pytest.raises(CatalogError, match="1 stored vectors are not 4 float32 values"):
+        from_blobs([to_blob(np.zeros(4, dtype=np.float32)), b"\x00" * 8], 4)
