@@ -58,13 +58,12 @@ def test_int8_is_cpu_only_and_settings_read_the_environment(tiny_model, monkeypa
 
 
 def test_index_and_search_with_int8(tiny_model, photo_dir, home):
-    runner = CliRunner()
-    out = runner.invoke(app, ["--home", str(home), "--model", str(tiny_model), "--int8", "index", str(photo_dir), "--json",
-                              "--quiet"], catch_exceptions=False)
+    base = ["--home", str(home), "--model", str(tiny_model), "--device", "cpu", "--int8"]
+    out = CliRunner().invoke(app, [*base, "index", str(photo_dir), "--json", "--quiet"], catch_exceptions=False)
     assert out.exit_code == 0, out.output
     assert json.loads(out.output.strip().splitlines()[-1])["added"] >= 5
-    found = runner.invoke(app, ["--home", str(home), "--int8", "search", "--image", str(photo_dir / "red.jpg"), "-k", "1",
-                                "--json"], catch_exceptions=False)
+    query = ["search", "--image", str(photo_dir / "red.jpg"), "-k", "1", "--json"]
+    found = CliRunner().invoke(app, [*base, *query], catch_exceptions=False)
     assert found.exit_code == 0, found.output
     assert json.loads(found.stdout.strip().splitlines()[0])["path"] == str(photo_dir / "red.jpg")
 
