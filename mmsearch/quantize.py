@@ -65,7 +65,7 @@ def linear_attention(tower: nn.Module) -> int:
     swapped = 0
     for module in list(tower.modules()):
         attn = getattr(module, "attn", None)
-        if isinstance(attn, nn.MultiheadAttention) and attn._qkv_same_embed_dim and not hasattr(module, "ln_1_kv"):
+        if isinstance(attn, nn.MultiheadAttention) and attn.in_proj_weight is not None and not hasattr(module, "ln_1_kv"):
             module.attn = SelfAttention(attn)
             swapped += 1
     return swapped
