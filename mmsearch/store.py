@@ -126,12 +126,6 @@ class ImageState:
 VECTOR_DTYPES = {"float16": np.dtype("<f2"), "float32": np.dtype("<f4")}
 
 
-def to_blob(vector: np.ndarray, dtype: np.dtype = VECTOR_DTYPES["float32"]) -> bytes:
-    if not isinstance(vector, np.ndarray):
-        raise TypeError(f"a vector must be a numpy array, not {type(vector).__name__}")
-    return np.ascontiguousarray(vector, dtype=dtype).tobytes()
-
-
 def from_blobs(blobs: Sequence[bytes], dim: int, dtype: np.dtype = VECTOR_DTYPES["float32"]) -> np.ndarray:
     """``(len(blobs), dim)`` float32 vectors from blobs of ``dtype`` values."""
     if not blobs:

@@ -9,7 +9,7 @@ from alembic.runtime.migration import MigrationContext
 from sqlalchemy import inspect
 
 from mmsearch.migrate import head_revision, upgrade
-from mmsearch.store import Base, Catalog, from_blobs, make_engine, to_blob
+from mmsearch.store import Base, Catalog, from_blobs, make_engine
 
 
 def test_upgrade_head_on_empty_database_matches_models(tmp_path: Path):
@@ -63,7 +63,7 @@ def test_ids_are_never_reused(tmp_path: Path):
 
 def test_blobs_round_trip():
     vectors = np.random.default_rng(0).standard_normal((3, 5)).astype(np.float32)
-    np.testing.assert_array_equal(from_blobs([to_blob(v) for v in vectors], 5), vectors)
+    np.testing.assert_array_equal(from_blobs([v.astype("<f4").tobytes() for v in vectors], 5), vectors)
 
 
 def test_new_catalog_stores_float16_and_a_rebuild_sees_what_stored_returns(tmp_path: Path):
@@ -97,7 +97,7 @@ def test_a_catalog_with_float32_rows_keeps_float32(tmp_path: Path):
     with engine.begin() as conn:
         conn.exec_driver_sql(
             "INSERT INTO images (path, size, mtime_ns, content_hash, width, height, vector, indexed_at) "
-            "VALUES ('/p/a.jpg', 1, 1, 'h', 1, 1, ?, 0)", (to_blob(vector),),
+            "VALUES ('/p/a.jpg', 1, 1, 'h', 1, 1, ?, 0)", (vector.astype("<f4").tobytes(),),
         )
     engine.dispose()
     with Catalog.open(path) as catalog:
@@ -127,4 +127,4 @@ def test_a_damaged_vector_is_a_catalog_error_not_a_crash():
     from mmsearch.errors import CatalogError
 
     with pytest.raises(CatalogError, match="1 stored vectors are not 4 float32 values"):
-        from_blobs([to_blob(np.zeros(4, dtype=np.float32)), b"\x00" * 8], 4)
+        from_blobs([np.zeros(4, dtype="<f4").tobytes(), b"\x00" * 8], 4)
