@@ -104,7 +104,10 @@ def main_options(
         None, "--batch-size", metavar="N", help="Images per encoder batch. Env: MMSEARCH_BATCH_SIZE. Default: 32."
     ),
     workers: Optional[int] = typer.Option(
-        None, "--workers", metavar="N", help="Image decode threads. Env: MMSEARCH_WORKERS. Default: min(4, cores)."
+        None, "--workers", metavar="N", help=(
+            "Indexing threads. On the CPU: lanes that each decode and encode a batch, sharing the cores; "
+            "on a GPU: decode threads feeding it; 0: all in one thread. Env: MMSEARCH_WORKERS. Default: min(4, cores)."
+        ),
     ),
     int8: bool = typer.Option(
         False, "--int8",

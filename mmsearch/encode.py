@@ -331,6 +331,29 @@ def _single_thread_if(condition: bool) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
+@contextmanager
+def threads_per_lane(lanes: int) -> Iterator[int]:
+    """Split torch's CPU threads between ``lanes`` threads that each run the model; yields the lane count.
+
+    Inside the block each thread that starts using torch runs its ops on
+    ``threads // lanes`` threads of its own (torch hands its thread count to a
+    new thread on first use), so lanes started here never share an OpenMP team
+    with each other. The count is restored on the way out. On 2 cores, two
+    lanes of one thread encode as fast as one model on two threads
+    (bench/index_throughput.py, model-only rows), and each lane decodes
+    between its batches instead of pre-empting the model.
+    """
+    import torch
+
+    before = torch.get_num_threads()
+    lanes = max(1, min(lanes, before))
+    torch.set_num_threads(max(1, before // lanes))
+    try:
+        yield lanes
+    finally:
+        torch.set_num_threads(before)
+
+
 def _text_tower(model: Any) -> Any:
     """The module holding token_embedding/positional_embedding/transformer."""
     return model if hasattr(model, "token_embedding") else getattr(model, "text", None)

@@ -55,7 +55,8 @@ class Settings:
     #: ``auto`` picks CUDA when present, else the CPU.
     device: str = "auto"
     batch_size: int = 32
-    #: Decode workers; 0 decodes in the calling thread.
+    #: Indexing threads: CPU lanes that each decode and encode (mmsearch.indexer),
+    #: or decode threads feeding a GPU; 0 does everything in the calling thread.
     workers: int = 2
     #: Encode images with int8 dynamic quantisation (CPU only; see mmsearch.quantize).
     int8: bool = False

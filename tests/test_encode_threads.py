@@ -40,3 +40,19 @@ def test_indexing_makes_idle_openmp_threads_sleep_unless_the_user_chose():
     assert _wait_policy_after({}) == "'PASSIVE'"
     assert _wait_policy_after({"OMP_WAIT_POLICY": "ACTIVE"}) == "'ACTIVE'"
     assert _wait_policy_after({"OMP_WAIT_POLICY": ""}) == "''"
+
+
+def test_threads_per_lane_splits_the_cores_for_new_threads_and_restores():
+    import threading
+
+    from mmsearch.encode import threads_per_lane
+
+    before = torch.get_num_threads()
+    seen: list[int] = []
+    with threads_per_lane(64) as lanes:
+        worker = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))
+        worker.start()
+        worker.join()
+    assert lanes == before  # never more lanes than threads
+    assert seen == [1]
+    assert torch.get_num_threads() == before

@@ -127,3 +127,32 @@ def test_copies_met_in_one_run_are_encoded_once(tmp_path, home, tiny_model):
         report = index_paths(h, [tmp_path / "pics"], progress=False)
         assert report.added == 4 and report.skipped == 0
         assert len(_faiss_ids(h)) == 4
+
+
+def test_cpu_lanes_keep_walk_order_across_skipped_and_reused_files(tmp_path, tiny_model):
+    """Lanes finish out of order; ids still follow the walk, with bad files and copies in the batches."""
+    pics = tmp_path / "pics"
+    for i in range(7):
+        make_image(pics / f"p{i}.png", list(COLOURS.values())[i % len(COLOURS)], size=(40 + i, 30))
+    (pics / "p2b-broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    shutil.copy(pics / "p1.png", pics / "p5b-copy.png")
+    results = {}
+    for workers in (0, 2):
+        with Home.open(resolve(home=tmp_path / f"h{workers}", model=str(tiny_model), batch_size=3, workers=workers)) as h:
+            report = index_paths(h, [pics], progress=False)
+            assert (report.added, report.skipped) == (8, 1)
+            states = h.catalog.image_states()
+            vecs = h.catalog.vectors("image", [s.id for s in states.values()], 32)
+            results[workers] = [(Path(p).name, vecs[s.id]) for p, s in sorted(states.items(), key=lambda kv: kv[1].id)]
+    assert [name for name, _ in results[2]] == [name for name, _ in results[0]]
+    for (_, a), (_, b) in zip(results[0], results[2]):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_cpu_lanes_give_torch_its_thread_count_back(photo_dir, home, tiny_model):
+    import torch
+
+    before = torch.get_num_threads()
+    with _home(home, tiny_model) as h:
+        index_paths(h, [photo_dir], progress=False)
+    assert torch.get_num_threads() == before
