@@ -150,6 +150,8 @@ _ESCAPED_BYTE = re.compile("\x00([0-9a-f]{2})")
 
 def path_to_db(path: str) -> str:
     """The catalog's text for a file path (see above)."""
+    if path.isascii():  # the common case, and a constant-time check
+        return path
     try:
         path.encode("utf-8")
         return path
@@ -211,15 +213,18 @@ class Catalog:
         """The float32 values the catalog keeps of ``vectors``: what a rebuilt index will hold."""
         return np.asarray(vectors, dtype=self.vector_dtype).astype(np.float32)
 
-    def _blobs(self, rows: Sequence[dict[str, Any]]) -> list[bytes]:
-        """The blobs of the rows' ``vector`` arrays, in order (one numpy conversion for all)."""
+    def _blobs(self, rows: Sequence[dict[str, Any]]) -> list[memoryview]:
+        """The blobs of the rows' ``vector`` arrays, in order (one numpy conversion for all).
+
+        Views into one block, not a copy per row: sqlite3 binds any buffer as a BLOB.
+        """
         if not rows:
             return []
         vectors = [row["vector"] for row in rows]
         if not all(isinstance(v, np.ndarray) for v in vectors):
             raise TypeError("catalog rows hold their vector as a numpy array")
         block = np.asarray(vectors, dtype=self.vector_dtype)  # one pass; faster than stack, then cast
-        data, width = block.tobytes(), block.itemsize * (block.size // len(rows))
+        data, width = memoryview(block).cast("B"), block.itemsize * (block.size // len(rows))
         return [data[i * width:(i + 1) * width] for i in range(len(rows))]
 
     @classmethod
@@ -423,7 +428,9 @@ class Catalog:
         return rows
 
 
-def _insert_rows(conn: Any, table: Any, rows: Sequence[dict[str, Any]], blobs: Sequence[bytes], now: float) -> list[int]:
+def _insert_rows(
+    conn: Any, table: Any, rows: Sequence[dict[str, Any]], blobs: Sequence[memoryview], now: float
+) -> list[int]:
     """Insert ``rows`` (vectors as ``blobs``, indexed at ``now``) as one executemany; their ids, in order.
 
     ``INSERT ... RETURNING`` with ordered results costs 3x the insert itself.
@@ -458,7 +465,9 @@ def _insert_rows(conn: Any, table: Any, rows: Sequence[dict[str, Any]], blobs: S
     return [found[v] for v in values]
 
 
-def _update_rows(conn: Any, table: Any, rows: Sequence[dict[str, Any]], blobs: Sequence[bytes], now: float) -> None:
+def _update_rows(
+    conn: Any, table: Any, rows: Sequence[dict[str, Any]], blobs: Sequence[memoryview], now: float
+) -> None:
     """Update each row by its ``id`` (vectors as ``blobs``, indexed at ``now``).
 
     A Core ``update(table)`` with a list of rows but no WHERE clause updates
