@@ -95,3 +95,30 @@ def test_an_unreachable_hub_is_put_offline_at_once(monkeypatch, listening):
         assert constants.HF_HUB_OFFLINE is (not listening)
     finally:
         server.close()
+
+
+def test_every_weight_comes_from_the_file_and_random_init_is_restored(encoder, tiny_model):
+    """The model is built without random fills; every parameter must then be the file's."""
+    from safetensors.torch import load_file
+
+    saved = load_file(tiny_model / "open_clip_model.safetensors")
+    loaded = encoder.model.state_dict()
+    assert set(saved) == set(loaded)
+    assert all(torch.equal(loaded[name], value) for name, value in saved.items())
+    uniform = torch.nn.init.uniform_
+    filled = uniform(torch.zeros(1000), 0.5, 1.0)  # the real fill again, after loading
+    assert uniform.__module__ == "torch.nn.init" and float(filled.min()) >= 0.5
+
+
+def test_a_checkpoint_missing_a_weight_is_refused(tiny_model, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path / "partial"
+    folder.mkdir()
+    (folder / "open_clip_config.json").write_text((tiny_model / "open_clip_config.json").read_text())
+    weights = load_file(tiny_model / "open_clip_model.safetensors")
+    weights.pop("visual.conv1.weight")
+    save_file(weights, folder / "open_clip_model.safetensors")
+    expected = r"could not load model .*do not fit the architecture: Missing key\(s\) in state_dict: \"visual\.conv1\.weight\""
+    with pytest.raises(ModelUnavailableError, match=expected):
+        load_encoder(str(folder), "cpu")
