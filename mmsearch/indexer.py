@@ -19,6 +19,7 @@ from __future__ import annotations
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -253,6 +254,8 @@ def _remember_bad(home: Home, todo: list[FileEntry], bad: list["Skipped"]) -> No
 #: One step of the encode loop: files in walk order (decoded, reusable or skipped)
 #: and the vectors (plus re-ranker token states, or None) of those that were encoded.
 _Step = tuple[list[Decoded | Skipped], np.ndarray | None, Any]
+_Decode = Callable[[FileEntry], Decoded | Skipped]
+_Encode = Callable[[list[Decoded]], tuple[np.ndarray | None, Any]]
 
 
 def _encode_files(
@@ -299,14 +302,13 @@ def _encode_files(
 
     bar = tqdm(total=len(todo), unit="img", disable=not progress, file=sys.stderr, dynamic_ncols=True)
     try:
-        if encoder.device == "cpu" and settings.workers > 0:
-            with threads_per_lane(settings.workers) as lanes:
+        in_lanes = encoder.device == "cpu" and settings.workers > 0
+        with threads_per_lane(settings.workers) if in_lanes else nullcontext(0) as lanes:
+            if lanes:
                 steps = _in_lanes(todo, decode, encode, lanes, settings.batch_size)
-                for step in steps:
-                    finish(step)
-                    bar.update(len(step[0]))
-        else:
-            for step in _streamed(todo, decode, encode, settings.workers, settings.batch_size):
+            else:
+                steps = _streamed(todo, decode, encode, settings.workers, settings.batch_size)
+            for step in steps:
                 finish(step)
                 bar.update(len(step[0]))
         writer.flush()
@@ -314,13 +316,7 @@ def _encode_files(
         bar.close()
 
 
-def _in_lanes(
-    todo: list[FileEntry],
-    decode: Callable[[FileEntry], Decoded | Skipped],
-    encode: Callable[[list[Decoded]], tuple[np.ndarray | None, Any]],
-    lanes: int,
-    batch_size: int,
-) -> Iterator[_Step]:
+def _in_lanes(todo: list[FileEntry], decode: _Decode, encode: _Encode, lanes: int, batch_size: int) -> Iterator[_Step]:
     """CPU: ``lanes`` threads each read, decode and encode a whole batch in turn; steps in walk order.
 
     A lane runs the model on its own share of the cores (see
@@ -338,13 +334,7 @@ def _in_lanes(
     yield from decode_many(chunks, lane, lanes, window=2 * lanes)
 
 
-def _streamed(
-    todo: list[FileEntry],
-    decode: Callable[[FileEntry], Decoded | Skipped],
-    encode: Callable[[list[Decoded]], tuple[np.ndarray | None, Any]],
-    workers: int,
-    batch_size: int,
-) -> Iterator[_Step]:
+def _streamed(todo: list[FileEntry], decode: _Decode, encode: _Encode, workers: int, batch_size: int) -> Iterator[_Step]:
     """GPU (or ``workers=0``): ``workers`` threads decode ahead; this thread encodes each full batch."""
     results: list[Decoded | Skipped] = []
     batch: list[Decoded] = []
