@@ -380,7 +380,7 @@ def threads_per_lane(lanes: int) -> Iterator[int]:
     new thread on first use), so lanes started here never share an OpenMP team
     with each other. The count is restored on the way out. On 2 cores, two
     lanes of one thread encoded faster than one model on two threads in each
-    of four runs (bench/index_throughput.py, model-only rows: 15.0-17.1 vs
+    of five runs (bench/index_throughput.py, model-only rows: 15.0-17.1 vs
     13.3-15.3 img/s), and each lane decodes between its batches instead of
     pre-empting the model.
     """
