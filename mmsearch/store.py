@@ -5,8 +5,9 @@ are applied when the catalog opens. Vectors live here too, so the FAISS index
 can always be rebuilt from the catalog alone: float16 blobs in catalogs made
 since revision 0004 (half the bytes; cosine scores of 512-d unit vectors move
 by under 1e-4), float32 in older ones. The ``vector_dtype`` meta key says
-which; callers hand the catalog numpy vectors and get float32 back, and
-:meth:`Catalog.stored` gives the values a rebuilt index will hold.
+which; callers hand the catalog numpy vectors of any float dtype and get
+float32 back, and :meth:`Catalog.stored` gives the values a rebuilt index
+will hold.
 """
 
 from __future__ import annotations
@@ -14,8 +15,10 @@ from __future__ import annotations
 import json
 import operator
 import re
+import sqlite3
 import time
 from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -34,7 +37,7 @@ from sqlalchemy import (
     select,
     update,
 )
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -126,6 +129,17 @@ class ImageState:
 VECTOR_DTYPES = {"float16": np.dtype("<f2"), "float32": np.dtype("<f4")}
 
 
+#: Rows a write converts to the catalog's dtype at a time (see :meth:`Catalog._blobs`).
+_CAST_BLOCK = 1024
+
+
+def _row_views(block: np.ndarray) -> Iterator[memoryview]:
+    """Each row of a C-contiguous 2-d array as a view of its bytes."""
+    data, width = memoryview(np.ascontiguousarray(block)).cast("B"), block.itemsize * block.shape[1]
+    for start in range(0, len(data), width):
+        yield data[start:start + width]
+
+
 def from_blobs(blobs: Sequence[bytes], dim: int, dtype: np.dtype = VECTOR_DTYPES["float32"]) -> np.ndarray:
     """``(len(blobs), dim)`` float32 vectors from blobs of ``dtype`` values."""
     if not blobs:
@@ -166,11 +180,11 @@ def path_from_db(text: str) -> str:
     return _ESCAPED_BYTE.sub(lambda m: chr(0xDC00 + int(m.group(1), 16)), text)
 
 
-def _with_db_path(row: dict[str, Any]) -> dict[str, Any]:
-    path = row.get("path")
-    if path is None or path_to_db(path) is path:
-        return row
-    return {**row, "path": path_to_db(path)}
+def _with_db_paths(rows: Sequence[dict[str, Any]]) -> Sequence[dict[str, Any]]:
+    """The rows, with each ``path`` as the catalog's text (a copy of a row only where that differs)."""
+    if all(row["path"].isascii() for row in rows):  # the common case, ~30 ns a row
+        return rows
+    return [row if path_to_db(row["path"]) is row["path"] else {**row, "path": path_to_db(row["path"])} for row in rows]
 
 
 def _set_sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
@@ -210,22 +224,29 @@ class Catalog:
         self.vector_dtype = VECTOR_DTYPES[name]
 
     def stored(self, vectors: np.ndarray) -> np.ndarray:
-        """The float32 values the catalog keeps of ``vectors``: what a rebuilt index will hold."""
-        return np.asarray(vectors, dtype=self.vector_dtype).astype(np.float32)
+        """``vectors`` as the catalog keeps them, in its dtype: the values a rebuilt index will hold.
 
-    def _blobs(self, rows: Sequence[dict[str, Any]]) -> list[memoryview]:
-        """The blobs of the rows' ``vector`` arrays, in order (one numpy conversion for all).
-
-        Views into one block, not a copy per row: sqlite3 binds any buffer as a BLOB.
+        The pipeline casts each batch once, here, and hands the result both to
+        the FAISS index (which takes any float dtype) and to :meth:`write_images`
+        or :meth:`write_texts`, which then store the rows without another cast.
         """
-        if not rows:
-            return []
+        return np.asarray(vectors, dtype=self.vector_dtype)
+
+    def _blobs(self, rows: Sequence[dict[str, Any]]) -> Iterator[memoryview]:
+        """The blobs of the rows' ``vector`` arrays, in order: views of blocks in the catalog's dtype.
+
+        sqlite3 binds any buffer as a BLOB, so no row is copied. Rows that are
+        already in the catalog's dtype (see :meth:`stored`) are copied block by
+        block; others are cast, a block at a time, as SQLite takes the rows.
+        """
         vectors = [row["vector"] for row in rows]
         if not all(isinstance(v, np.ndarray) for v in vectors):
             raise TypeError("catalog rows hold their vector as a numpy array")
-        block = np.asarray(vectors, dtype=self.vector_dtype)  # one pass; faster than stack, then cast
-        data, width = memoryview(block).cast("B"), block.itemsize * (block.size // len(rows))
-        return [data[i * width:(i + 1) * width] for i in range(len(rows))]
+        return (
+            view
+            for start in range(0, len(vectors), _CAST_BLOCK)
+            for view in _row_views(np.asarray(vectors[start:start + _CAST_BLOCK], dtype=self.vector_dtype))
+        )
 
     @classmethod
     def open(cls, path: Path, *, create: bool = True) -> "Catalog":
@@ -247,6 +268,17 @@ class Catalog:
     def close(self) -> None:
         self.engine.dispose()
 
+    @contextmanager
+    def _writing(self) -> Iterator[Connection]:
+        """One write transaction; a failure of SQLite (disk full, I/O error) rolls it back
+        and becomes a one-line :class:`CatalogError` naming the catalog."""
+        try:
+            with self.engine.begin() as conn:
+                yield conn
+        except (DBAPIError, sqlite3.Error) as exc:
+            message = str(getattr(exc, "orig", None) or exc).splitlines()[0]
+            raise CatalogError(f"cannot write to catalog {self.path}: {message}; nothing was changed") from None
+
     def __enter__(self) -> "Catalog":
         return self
 
@@ -260,7 +292,7 @@ class Catalog:
             return conn.execute(select(Meta.value).where(Meta.key == key)).scalar_one_or_none()
 
     def set_meta(self, values: dict[str, str]) -> None:
-        with self.engine.begin() as conn:
+        with self._writing() as conn:
             for key, value in values.items():
                 conn.execute(delete(Meta).where(Meta.key == key))
                 conn.execute(insert(Meta).values(key=key, value=value))
@@ -313,8 +345,8 @@ class Catalog:
         the ids given to the new rows, in order.
         """
         now = time.time()
-        new, changed = [_with_db_path(r) for r in new], [_with_db_path(r) for r in changed]
-        with self.engine.begin() as conn:
+        new, changed = _with_db_paths(new), _with_db_paths(changed)
+        with self._writing() as conn:
             if removed_ids:
                 _delete_ids(conn, ImageRow, removed_ids)
             if changed:
@@ -339,7 +371,7 @@ class Catalog:
         if not remember and not forget:
             return
         paths = [path_to_db(p) for p in (*forget, *(row["path"] for row in remember))]
-        with self.engine.begin() as conn:
+        with self._writing() as conn:
             for start in range(0, len(paths), 500):
                 conn.execute(delete(SkippedRow).where(SkippedRow.path.in_(paths[start:start + 500])))
             if remember:
@@ -366,7 +398,7 @@ class Catalog:
     def write_texts(self, new: Sequence[dict[str, Any]], changed: Sequence[dict[str, Any]]) -> list[int]:
         """Like :meth:`write_images`, for texts (rows keyed by ``key``)."""
         now = time.time()
-        with self.engine.begin() as conn:
+        with self._writing() as conn:
             if changed:
                 _update_rows(conn, TextRow, changed, self._blobs(changed), now)
             ids = []
@@ -429,7 +461,7 @@ class Catalog:
 
 
 def _insert_rows(
-    conn: Any, table: Any, rows: Sequence[dict[str, Any]], blobs: Sequence[memoryview], now: float
+    conn: Any, table: Any, rows: Sequence[dict[str, Any]], blobs: Iterable[memoryview], now: float
 ) -> list[int]:
     """Insert ``rows`` (vectors as ``blobs``, indexed at ``now``) as one executemany; their ids, in order.
 
@@ -442,8 +474,10 @@ def _insert_rows(
         found = conn.exec_driver_sql("SELECT seq FROM sqlite_sequence WHERE name = ?", (table.__tablename__,))
         return int(found.scalar() or 0)
 
-    # The driver's executemany on plain tuples: SQLAlchemy's per-row parameter
-    # processing, and copying each row's dict, cost a third of bulk insert time.
+    # The driver's executemany on plain tuples, made as SQLite takes them:
+    # SQLAlchemy's per-row parameter processing, and copying each row's dict,
+    # cost a third of bulk insert time, and a list of all rows would wait for
+    # every vector's cast (see Catalog._blobs).
     columns = [c.name for c in table.__table__.columns if c.name not in ("id", "vector", "indexed_at")]
     quote = conn.dialect.identifier_preparer.quote
     sql = (
@@ -452,7 +486,11 @@ def _insert_rows(
     )
     fields = operator.itemgetter(*columns)
     before = sequence()
-    conn.exec_driver_sql(sql, [(*fields(row), blob, now) for row, blob in zip(rows, blobs)])
+    cursor = conn.connection.cursor()
+    try:
+        cursor.executemany(sql, ((*fields(row), blob, now) for row, blob in zip(rows, blobs)))
+    finally:
+        cursor.close()
     after = sequence()
     if after - before == len(rows):
         return list(range(before + 1, after + 1))
@@ -466,7 +504,7 @@ def _insert_rows(
 
 
 def _update_rows(
-    conn: Any, table: Any, rows: Sequence[dict[str, Any]], blobs: Sequence[memoryview], now: float
+    conn: Any, table: Any, rows: Sequence[dict[str, Any]], blobs: Iterable[memoryview], now: float
 ) -> None:
     """Update each row by its ``id`` (vectors as ``blobs``, indexed at ``now``).
 

@@ -85,6 +85,40 @@ def test_new_catalog_stores_float16_and_a_rebuild_sees_what_stored_returns(tmp_p
         np.testing.assert_array_equal(h5[0], read[5])
 
 
+def test_a_bulk_write_spans_cast_blocks_and_takes_rows_of_any_float_dtype(tmp_path: Path):
+    from mmsearch.store import _CAST_BLOCK
+
+    n = 2 * _CAST_BLOCK + 7  # three blocks, the last one short
+    vectors = np.random.default_rng(1).standard_normal((n, 16)).astype(np.float32)
+    with Catalog.open(tmp_path / "c.sqlite3") as catalog:
+        stored = catalog.stored(vectors)
+        assert stored.dtype == np.float16  # what the pipeline hands the catalog and the index
+        # rows already in the catalog's dtype and float32 rows, mixed inside each block
+        rows = [{**_row(i, 16), "vector": stored[i] if i % 3 else vectors[i]} for i in range(n)]
+        ids = catalog.write_images(rows, [])
+        (read_ids, read), = catalog.iter_vectors("image", 16, chunk=n)
+        assert read_ids.tolist() == ids and read.dtype == np.float32
+        np.testing.assert_array_equal(read, stored.astype(np.float32))  # each row in its place, cast once
+
+
+def test_a_failed_write_is_one_line_and_loses_nothing(tmp_path: Path):
+    from mmsearch.errors import CatalogError
+
+    path = tmp_path / "c.sqlite3"
+    with Catalog.open(path) as catalog:
+        first = catalog.write_images([_row(i) for i in range(3)], [])
+        with catalog.engine.begin() as conn:  # SQLite refusing a row, as a full disk would
+            conn.exec_driver_sql(
+                "CREATE TRIGGER refuse BEFORE INSERT ON images WHEN NEW.path = '/photos/1500.jpg' "
+                "BEGIN SELECT RAISE(ABORT, 'database or disk is full'); END"
+            )
+        rows = [_row(i) for i in range(3, 2000)]
+        with pytest.raises(CatalogError) as caught:
+            catalog.write_images(rows, [], removed_ids=first[:1])
+        assert str(caught.value) == f"cannot write to catalog {path}: database or disk is full; nothing was changed"
+        assert catalog.ids("image").tolist() == first and catalog.generation("image") == 1
+
+
 def test_a_catalog_with_float32_rows_keeps_float32(tmp_path: Path):
     from alembic import command
 
