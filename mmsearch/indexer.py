@@ -66,12 +66,18 @@ class _Ready:
 class _Writer:
     """Writes finished files to the catalog and the in-memory FAISS index in batches."""
 
-    def __init__(self, home: Home, states: dict[str, ImageState], report: IndexReport, batch: int):
+    def __init__(
+        self, home: Home, states: dict[str, ImageState], ids_by_hash: dict[str, int], report: IndexReport, batch: int
+    ):
         self.home = home
         self.states = states
+        #: content hash -> id of a row that holds it (-1: encoded, not yet written), kept current as rows are written
+        self.ids_by_hash = ids_by_hash
         self.report = report
         self.batch = batch
         self.pending: list[_Ready] = []
+        #: files sent to reuse a vector that was overwritten before they were written; they are encoded after all
+        self.orphans: list[FileEntry] = []
         self.index = None
 
     def put(self, item: _Ready) -> None:
@@ -87,13 +93,16 @@ class _Writer:
         index = self.get_index()  # before writing: a rebuild must not see this batch
         # A reused vector's twin is in this batch or, flushed earlier, in the catalog.
         twins = {it.content_hash: (it.vector, it.width, it.height) for it in items if it.vector is not None}
-        missing = [it.content_hash for it in items if it.vector is None and it.content_hash not in twins]
-        twins.update(catalog.vectors_by_hash(missing) if missing else {})
+        missing = {it.content_hash for it in items if it.vector is None and it.content_hash not in twins}
+        if missing:
+            ids = {h: self.ids_by_hash[h] for h in missing if self.ids_by_hash.get(h, -1) >= 0}
+            twins.update(catalog.vectors_by_hash(ids))
         new_rows, changed_rows, vectors_new, vectors_changed, changed_ids = [], [], [], [], []
         for it in items:
             if it.vector is None:
                 twin = twins.get(it.content_hash)
-                if twin is None:  # its twin vanished meanwhile; very rare, read again next run
+                if twin is None:  # its twin was changed in this run: encode it after all
+                    self.orphans.append(it.entry)
                     continue
                 vector, width, height = twin
                 self.report.reused += 1
@@ -124,6 +133,13 @@ class _Writer:
             index.add(np.array(changed_ids, dtype=np.int64), np.stack(vectors_changed))
         if new_ids:
             index.add(np.array(new_ids, dtype=np.int64), np.stack(vectors_new))
+        for row in changed_rows:
+            old = self.states[row["path"]]
+            if self.ids_by_hash.get(old.content_hash) == old.id:  # that content is gone from the catalog
+                del self.ids_by_hash[old.content_hash]
+            self.states[row["path"]] = ImageState(old.id, row["size"], row["mtime_ns"], row["content_hash"])
+        for row, row_id in [*zip(new_rows, new_ids), *((row, row["id"]) for row in changed_rows)]:
+            self.ids_by_hash[row["content_hash"]] = row_id
         for row, new_id in zip(new_rows, new_ids):
             self.states[row["path"]] = ImageState(new_id, row["size"], row["mtime_ns"], row["content_hash"])
 
@@ -188,7 +204,8 @@ def index_paths(
         if home.recorded_model is None:
             home.encoder()  # a new home: check the model now, not after the walk
         entries = list(walk(root_paths, on_error=walk_error))
-        states = home.catalog.image_states(prefixes=root_paths)
+        everything = home.catalog.image_states()  # one scan: the files under the roots, and every hash
+        states = {p: s for p, s in everything.items() if any(_is_under(p, root) for root in root_paths)}
         todo, report.unchanged, vanished = plan(entries, states, unlisted)
         todo = _skip_known_bad(home, todo, root_paths, unlisted, skip)
         if not todo and not vanished:
@@ -196,7 +213,8 @@ def index_paths(
             report.seconds = time.perf_counter() - started
             return report
 
-        writer = _Writer(home, states, report, home.settings.batch_size)
+        ids_by_hash = {s.content_hash: s.id for s in everything.values()}
+        writer = _Writer(home, states, ids_by_hash, report, home.settings.batch_size)
         if todo:
             bad: list[Skipped] = []
             _encode_files(home, todo, writer, lambda s: bad.append(s) or skip(s.path, s.reason), progress)
@@ -269,13 +287,14 @@ def _encode_files(
 
     encoder = home.encoder()
     tokens = token_sink(home, encoder)  # None unless the model has a re-ranker
-    known = home.catalog.known_hashes()
+    known = writer.ids_by_hash
+    reuse = known.__contains__
     settings = home.settings
     # decode threads stop at uint8 pixels; the batch becomes a tensor here (see mmsearch.preprocess)
     split = split_preprocess(encoder.preprocess)
 
     def decode(entry: FileEntry) -> Decoded | Skipped:
-        return decode_file(entry, split.per_image, encoder.image_size, known.__contains__)
+        return decode_file(entry, split.per_image, encoder.image_size, reuse)
 
     def encode(decoded: list[Decoded]) -> tuple[np.ndarray | None, Any]:
         if not decoded:
@@ -298,22 +317,32 @@ def _encode_files(
                 writer.put(_Ready(result.entry, result.content_hash, 0, 0, None))
             else:
                 writer.put(_Ready(result.entry, result.content_hash, result.width, result.height, next(stored)))
-                known.add(result.content_hash)
+                known.setdefault(result.content_hash, -1)  # its id comes when the writer writes it
 
     bar = tqdm(total=len(todo), unit="img", disable=not progress, file=sys.stderr, dynamic_ncols=True)
     try:
         in_lanes = encoder.device == "cpu" and settings.workers > 0
         with threads_per_lane(settings.workers) if in_lanes else nullcontext(0) as lanes:
-            if lanes:
-                steps = _in_lanes(todo, decode, encode, lanes, settings.batch_size)
-            else:
-                steps = _streamed(todo, decode, encode, settings.workers, settings.batch_size)
-            for step in steps:
-                finish(step)
-                bar.update(len(step[0]))
-        writer.flush()
+            while todo:
+                if lanes:
+                    steps = _in_lanes(todo, decode, encode, lanes, settings.batch_size)
+                else:
+                    steps = _streamed(todo, decode, encode, settings.workers, settings.batch_size)
+                for step in steps:
+                    finish(step)
+                    bar.update(len(step[0]))
+                writer.flush()
+                # Files whose vector was to be reused from a row this run then
+                # changed: a second pass encodes them (and reuses nothing).
+                todo, writer.orphans = writer.orphans, []
+                reuse = _never
+                bar.total += len(todo)
     finally:
         bar.close()
+
+
+def _never(_content_hash: str) -> bool:
+    return False
 
 
 def _in_lanes(todo: list[FileEntry], decode: _Decode, encode: _Encode, lanes: int, batch_size: int) -> Iterator[_Step]:

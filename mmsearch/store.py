@@ -79,7 +79,8 @@ class ImageRow(Base):
     path: Mapped[str] = mapped_column(String, unique=True)
     size: Mapped[int]
     mtime_ns: Mapped[int]
-    content_hash: Mapped[str] = mapped_column(String, index=True)
+    # not indexed: random keys made every bulk insert rewrite the index (migration 0005)
+    content_hash: Mapped[str] = mapped_column(String)
     width: Mapped[int]
     height: Mapped[int]
     vector: Mapped[bytes] = mapped_column(LargeBinary)
@@ -314,24 +315,22 @@ class Catalog:
         roots = tuple(prefixes)
         return {p: s for p, s in states.items() if any(_is_under(p, root) for root in roots)}
 
-    def vectors_by_hash(self, hashes: Iterable[str]) -> dict[str, tuple[np.ndarray, int, int]]:
-        """``hash -> (vector, width, height)`` of one stored image for each known hash."""
-        wanted = list(set(hashes))
+    def vectors_by_hash(self, ids_by_hash: dict[str, int]) -> dict[str, tuple[np.ndarray, int, int]]:
+        """``hash -> (vector, width, height)`` for each hash whose row (``ids_by_hash[hash]``) still holds it.
+
+        Looked up by id, as hashes are not indexed (see migration 0005); a
+        hash whose row has changed since the caller read its id is left out.
+        """
         found: dict[str, tuple[np.ndarray, int, int]] = {}
+        wanted = {i: h for h, i in ids_by_hash.items()}
+        ids = list(wanted)
         with self.engine.connect() as conn:
-            for start in range(0, len(wanted), 500):
-                chunk = wanted[start:start + 500]
-                stmt = select(ImageRow.content_hash, ImageRow.vector, ImageRow.width, ImageRow.height).where(
-                    ImageRow.content_hash.in_(chunk)
-                )
-                for h, blob, w, hgt in conn.execute(stmt):
-                    if h not in found:
+            for start in range(0, len(ids), 500):
+                stmt = select(ImageRow.id, ImageRow.content_hash, ImageRow.vector, ImageRow.width, ImageRow.height)
+                for i, h, blob, w, hgt in conn.execute(stmt.where(ImageRow.id.in_(ids[start:start + 500]))):
+                    if wanted[i] == h:
                         found[h] = (np.frombuffer(blob, dtype=self.vector_dtype).astype(np.float32), w, hgt)
         return found
-
-    def known_hashes(self) -> set[str]:
-        with self.engine.connect() as conn:
-            return set(conn.execute(select(ImageRow.content_hash)).scalars())
 
     def write_images(
         self,

@@ -64,6 +64,27 @@ def test_rename_and_copy_reuse_vectors_removal_drops(photo_dir, home, tiny_model
         assert _faiss_ids(h) == sorted(s.id for s in states.values())
 
 
+def test_content_moved_to_a_new_file_while_its_old_file_changed(photo_dir, home, tiny_model):
+    """red.jpg's content moves to "moved red.jpg" and red.jpg gets new content, in one run:
+    the catalog's copy of that content is overwritten while the run goes, so it cannot be
+    reused, and the new file is encoded instead of being dropped."""
+    with _home(home, tiny_model) as h:
+        index_paths(h, [photo_dir], progress=False)
+        old = h.catalog.image_states()[str(photo_dir / "red.jpg")]
+        red_vec = h.catalog.vectors("image", [old.id], 32)[old.id]
+    shutil.copy(photo_dir / "red.jpg", photo_dir / "~moved red.jpg")  # walked after red.jpg
+    make_image(photo_dir / "red.jpg", COLOURS["blue"], size=(80, 60))
+    os.utime(photo_dir / "red.jpg", ns=(old.mtime_ns + 10**9, old.mtime_ns + 10**9))
+    with _home(home, tiny_model, batch_size=1) as h:
+        report = index_paths(h, [photo_dir], progress=False)
+        assert (report.updated, report.added, report.skipped) == (1, 1, 0)
+        states = {Path(p).name: s for p, s in h.catalog.image_states().items()}
+        moved = states["~moved red.jpg"]
+        assert moved.content_hash == old.content_hash and states["red.jpg"].content_hash != old.content_hash
+        np.testing.assert_allclose(h.catalog.vectors("image", [moved.id], 32)[moved.id], red_vec, atol=1e-6)
+        assert _faiss_ids(h) == sorted(s.id for s in states.values())
+
+
 def test_changed_file_is_updated_in_place(photo_dir, home, tiny_model):
     with _home(home, tiny_model) as h:
         index_paths(h, [photo_dir], progress=False)

@@ -81,8 +81,9 @@ def test_new_catalog_stores_float16_and_a_rebuild_sees_what_stored_returns(tmp_p
         assert read_ids.tolist() == ids
         np.testing.assert_array_equal(read, catalog.stored(vectors))  # live index == rebuilt index
         assert np.abs(queries @ read.T - queries @ vectors.T).max() < 1e-4  # cosine scores barely move
-        h5 = catalog.vectors_by_hash(["h5"])["h5"]
-        np.testing.assert_array_equal(h5[0], read[5])
+        found = catalog.vectors_by_hash({"h5": ids[5], "h6": ids[7]})  # h6's id is not h6's row
+        assert list(found) == ["h5"] and found["h5"][1:] == (8, 6)
+        np.testing.assert_array_equal(found["h5"][0], read[5])
 
 
 def test_a_bulk_write_spans_cast_blocks_and_takes_rows_of_any_float_dtype(tmp_path: Path):
@@ -162,3 +163,20 @@ def test_a_damaged_vector_is_a_catalog_error_not_a_crash():
 
     with pytest.raises(CatalogError, match="1 stored vectors are not 4 float32 values"):
         from_blobs([np.zeros(4, dtype="<f4").tobytes(), b"\x00" * 8], 4)
+
+
+def test_content_hashes_are_not_indexed_and_0005_goes_both_ways(tmp_path: Path):
+    from alembic import command
+
+    from mmsearch.migrate import alembic_config
+
+    engine = make_engine(tmp_path / "c.sqlite3")
+    config = alembic_config(engine)
+    indexes = lambda: {ix["name"] for ix in inspect(engine).get_indexes("images")}  # noqa: E731
+    command.upgrade(config, "0004")
+    assert "ix_images_content_hash" in indexes()
+    upgrade(engine)
+    assert "ix_images_content_hash" not in indexes()
+    command.downgrade(config, "0004")
+    assert "ix_images_content_hash" in indexes()
+    engine.dispose()
