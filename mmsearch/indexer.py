@@ -29,7 +29,7 @@ import numpy as np
 from mmsearch.decode import Decoded, Skipped, decode_file, decode_many, enable_heif
 from mmsearch.discover import FileEntry, check_roots, walk
 from mmsearch.home import Home
-from mmsearch.store import ImageState, _is_under
+from mmsearch.store import ImageState, under_any
 
 SkipHandler = Callable[[str, str], None]
 
@@ -160,6 +160,7 @@ def plan(
     todo: list[FileEntry] = []
     unchanged = 0
     seen = set()
+    in_unlisted = under_any(unlisted)
     for entry in entries:
         seen.add(entry.path)
         state = states.get(entry.path)
@@ -170,7 +171,7 @@ def plan(
     vanished = [
         state.id
         for path, state in states.items()
-        if path not in seen and not any(_is_under(path, u) for u in unlisted)
+        if path not in seen and not in_unlisted(path)
     ]
     return todo, unchanged, vanished
 
@@ -205,7 +206,8 @@ def index_paths(
             home.encoder()  # a new home: check the model now, not after the walk
         entries = list(walk(root_paths, on_error=walk_error))
         everything = home.catalog.image_states()  # one scan: the files under the roots, and every hash
-        states = {p: s for p, s in everything.items() if any(_is_under(p, root) for root in root_paths)}
+        inside = under_any(root_paths)
+        states = {p: s for p, s in everything.items() if inside(p)}
         todo, report.unchanged, vanished = plan(entries, states, unlisted)
         todo = _skip_known_bad(home, todo, root_paths, unlisted, skip)
         if not todo and not vanished:
@@ -243,6 +245,7 @@ def _skip_known_bad(
         return todo
     keep, forget = [], []
     listed = {e.path for e in todo}
+    in_unlisted = under_any(unlisted)
     for entry in todo:
         known = remembered.get(entry.path)
         if known is not None and known[:2] == (entry.size, entry.mtime_ns):
@@ -252,7 +255,7 @@ def _skip_known_bad(
             if known is not None:
                 forget.append(entry.path)
     for path in remembered:
-        if path not in listed and not any(_is_under(path, u) for u in unlisted):
+        if path not in listed and not in_unlisted(path):
             forget.append(path)  # vanished, or now indexed fine
     home.catalog.write_skipped([], forget)
     return keep
