@@ -133,15 +133,15 @@ class _Writer:
             index.add(np.array(changed_ids, dtype=np.int64), np.stack(vectors_changed))
         if new_ids:
             index.add(np.array(new_ids, dtype=np.int64), np.stack(vectors_new))
+        for row, new_id in zip(new_rows, new_ids):
+            self.states[row["path"]] = ImageState(new_id, row["size"], row["mtime_ns"], row["content_hash"])
+            self.ids_by_hash[row["content_hash"]] = new_id
         for row in changed_rows:
             old = self.states[row["path"]]
             if self.ids_by_hash.get(old.content_hash) == old.id:  # that content is gone from the catalog
                 del self.ids_by_hash[old.content_hash]
             self.states[row["path"]] = ImageState(old.id, row["size"], row["mtime_ns"], row["content_hash"])
-        for row, row_id in [*zip(new_rows, new_ids), *((row, row["id"]) for row in changed_rows)]:
-            self.ids_by_hash[row["content_hash"]] = row_id
-        for row, new_id in zip(new_rows, new_ids):
-            self.states[row["path"]] = ImageState(new_id, row["size"], row["mtime_ns"], row["content_hash"])
+            self.ids_by_hash[row["content_hash"]] = old.id
 
     def get_index(self):
         if self.index is None:
