@@ -16,6 +16,7 @@ import json
 import operator
 import re
 import sqlite3
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -204,6 +205,11 @@ def _set_sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.execute("PRAGMA cache_size=-65536")
     cursor.execute("PRAGMA journal_mode=WAL")
     cursor.execute("PRAGMA synchronous=NORMAL")
+    # A catalog's writes are copied from the WAL into the database by its
+    # checkpointer thread (see _Checkpointer); a commit copies them itself
+    # only once the WAL passes 256 MiB (8,192 pages of 32 KiB; SQLite's
+    # default is 1,000 pages), should that thread fall behind.
+    cursor.execute("PRAGMA wal_autocheckpoint=8192")
     cursor.execute("PRAGMA busy_timeout=30000")
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.close()
@@ -215,12 +221,82 @@ def make_engine(path: Path) -> Engine:
     return engine
 
 
+class _Checkpointer:
+    """Copies committed writes from the WAL into the database in a background thread.
+
+    A WAL checkpoint copies pages and syncs both files; done by the commit
+    that fills the WAL, it stalled every second or third bulk transaction for
+    ~200 ms. In a thread of its own (on its own connection, ``PASSIVE``: it
+    never blocks readers or the writer) it overlaps the next transaction:
+    plain sqlite3 inserted 141-151k rows/s that way against 81-86k
+    (alternating). Durability is unchanged: a commit is in the WAL either
+    way, and a killed checkpoint is finished by the next one.
+    """
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._cond = threading.Condition()
+        self._asked = self._done = 0  # commits poked about, and how many of them a checkpoint followed
+        self._closing = False
+        self._thread: threading.Thread | None = None
+
+    def poke(self) -> None:
+        """A transaction committed: checkpoint soon."""
+        with self._cond:
+            if self._thread is None:
+                self._closing = False
+                self._thread = threading.Thread(target=self._run, name="mmsearch-checkpoint", daemon=True)
+                self._thread.start()
+            self._asked += 1
+            self._cond.notify_all()
+
+    def wait_idle(self, timeout: float | None = None) -> bool:
+        """Whether a checkpoint has followed every commit so far (waiting up to ``timeout`` seconds)."""
+        with self._cond:
+            return self._cond.wait_for(lambda: self._done >= self._asked, timeout)
+
+    def close(self) -> None:
+        with self._cond:
+            thread, self._thread = self._thread, None
+            self._closing = True
+            self._cond.notify_all()
+        if thread is not None:
+            thread.join()
+
+    def _run(self) -> None:
+        try:
+            conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+            conn.execute("PRAGMA synchronous=NORMAL")
+        except sqlite3.Error:
+            return  # the writers' own checkpoints (wal_autocheckpoint) remain
+        try:
+            while True:
+                with self._cond:
+                    self._cond.wait_for(lambda: self._closing or self._asked > self._done)
+                    if self._closing:
+                        return
+                    target = self._asked
+                try:
+                    conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+                except sqlite3.Error:
+                    pass  # as above; the next commit tries again
+                with self._cond:
+                    self._done = target
+                    self._cond.notify_all()
+        finally:
+            conn.close()
+            with self._cond:
+                self._done = self._asked  # closing: the last connection's close checkpoints the rest
+                self._cond.notify_all()
+
+
 class Catalog:
     """The catalog of one home. Open with :meth:`open`; close when done."""
 
     def __init__(self, engine: Engine, path: Path):
         self.engine = engine
         self.path = path
+        self._checkpointer = _Checkpointer(path)
         name = self.get_meta("vector_dtype") or "float32"
         if name not in VECTOR_DTYPES:
             raise CatalogError(f"{path}: unknown vector_dtype {name!r} (written by a newer mmsearch?)")
@@ -271,6 +347,7 @@ class Catalog:
         return cls(engine, path)
 
     def close(self) -> None:
+        self._checkpointer.close()
         self.engine.dispose()
 
     @contextmanager
@@ -283,6 +360,7 @@ class Catalog:
         except (DBAPIError, sqlite3.Error) as exc:
             message = str(getattr(exc, "orig", None) or exc).splitlines()[0]
             raise CatalogError(f"cannot write to catalog {self.path}: {message}; nothing was changed") from None
+        self._checkpointer.poke()
 
     def __enter__(self) -> "Catalog":
         return self

@@ -180,3 +180,25 @@ def test_content_hashes_are_not_indexed_and_0005_goes_both_ways(tmp_path: Path):
     command.downgrade(config, "0004")
     assert "ix_images_content_hash" in indexes()
     engine.dispose()
+
+
+def test_commits_are_checkpointed_in_the_background_and_close_stops_the_thread(tmp_path: Path):
+    import threading
+
+    def checkpointers() -> int:
+        return sum(t.name == "mmsearch-checkpoint" for t in threading.enumerate())
+
+    path = tmp_path / "c.sqlite3"
+    with Catalog.open(path) as catalog:
+        before = path.stat().st_size
+        catalog.write_images([_row(i, 512) for i in range(2000)], [])
+        assert catalog._checkpointer.wait_idle(timeout=60)
+        # the rows are in the database file itself, not only in the WAL (a
+        # commit leaves them there until the WAL passes 256 MiB)
+        assert path.stat().st_size > before + 2000 * 1024
+        assert checkpointers() == 1
+        catalog.write_images([_row(i, 512) for i in range(2000, 2100)], [])
+        assert catalog._checkpointer.wait_idle(timeout=60) and checkpointers() == 1  # one thread, reused
+    assert checkpointers() == 0
+    with Catalog.open(path) as catalog:
+        assert catalog.count("image") == 2100
