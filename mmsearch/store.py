@@ -238,11 +238,14 @@ class _Checkpointer:
         self._cond = threading.Condition()
         self._asked = self._done = 0  # commits poked about, and how many of them a checkpoint followed
         self._closing = False
+        self._gone = False  # the thread could not open the database: commits checkpoint by themselves
         self._thread: threading.Thread | None = None
 
     def poke(self) -> None:
         """A transaction committed: checkpoint soon."""
         with self._cond:
+            if self._gone:
+                return
             if self._thread is None:
                 self._closing = False
                 self._thread = threading.Thread(target=self._run, name="mmsearch-checkpoint", daemon=True)
@@ -263,12 +266,19 @@ class _Checkpointer:
         if thread is not None:
             thread.join()
 
+    def _connect(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        conn.execute("PRAGMA synchronous=NORMAL")
+        return conn
+
     def _run(self) -> None:
         try:
-            conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-            conn.execute("PRAGMA synchronous=NORMAL")
+            conn = self._connect()
         except sqlite3.Error:
-            return  # the writers' own checkpoints (wal_autocheckpoint) remain
+            with self._cond:  # the writers' own checkpoints (wal_autocheckpoint) remain
+                self._gone, self._done = True, self._asked
+                self._cond.notify_all()
+            return
         try:
             while True:
                 with self._cond:

@@ -202,3 +202,19 @@ def test_commits_are_checkpointed_in_the_background_and_close_stops_the_thread(t
     assert checkpointers() == 0
     with Catalog.open(path) as catalog:
         assert catalog.count("image") == 2100
+
+
+def test_a_checkpointer_that_cannot_connect_leaves_commits_to_checkpoint_themselves(tmp_path: Path, monkeypatch):
+    import sqlite3
+
+    import mmsearch.store as store
+
+    def refuse(self):
+        raise sqlite3.OperationalError("unable to open database file")
+
+    monkeypatch.setattr(store._Checkpointer, "_connect", refuse)
+    with Catalog.open(tmp_path / "c.sqlite3") as catalog:
+        catalog.write_images([_row(1)], [])
+        assert catalog._checkpointer.wait_idle(timeout=30)
+        catalog.write_images([_row(2)], [])  # no thread any more; writes go on
+        assert catalog._checkpointer.wait_idle(timeout=1) and catalog.count("image") == 2
