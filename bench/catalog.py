@@ -2,7 +2,8 @@
 
 Bulk writes take turns in one run: rows as `index` and `add-texts` write them
 (vectors already cast to the catalog's dtype), float32 rows, and plain
-`sqlite3` with the same schema and the tuples built beforehand (the ceiling).
+`sqlite3` with the same schema, the same background WAL checkpoints and the
+tuples built beforehand (the ceiling).
 
     python bench/catalog.py              # 100,000 rows of 512-d vectors
     python bench/catalog.py --rows 20000
