@@ -140,7 +140,7 @@ _CAST_BLOCK = 1024
 
 def _row_views(block: np.ndarray) -> Iterator[memoryview]:
     """Each row of a C-contiguous 2-d array as a view of its bytes."""
-    data, width = memoryview(np.ascontiguousarray(block)).cast("B"), block.itemsize * block.shape[1]
+    data, width = memoryview(block).cast("B"), block.itemsize * block.shape[1]
     for start in range(0, len(data), width):
         yield data[start:start + width]
 
@@ -340,7 +340,7 @@ class Catalog:
         return (
             view
             for start in range(0, len(vectors), _CAST_BLOCK)
-            for view in _row_views(np.asarray(vectors[start:start + _CAST_BLOCK], dtype=self.vector_dtype))
+            for view in _row_views(self.stored(vectors[start:start + _CAST_BLOCK]))
         )
 
     @classmethod
