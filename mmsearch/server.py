@@ -266,7 +266,7 @@ def create_app(
             raise ApiError(400, "the form needs an 'image' file field")
         data = await upload.read()
         if len(data) > max_upload_bytes:
-            raise ApiError(413, f"the image is larger than {max_upload_bytes // (1024 * 1024)} MiB")
+            raise ApiError(413, f"the image is larger than {_size(max_upload_bytes)}")
         field = lambda name: form.get(name) if isinstance(form.get(name), str) else None  # noqa: E731
         q = (field("q") or "").strip() or None
         target = "text" if _bool_param("texts", field("texts")) else "image"
@@ -355,6 +355,11 @@ def _web_file(web_dir: Path, name: str) -> Response:
     return FileResponse(web_dir / name, media_type=media_type, headers={"Cache-Control": "no-cache"})
 
 
+def _size(limit: int) -> str:
+    mib = 1024 * 1024
+    return f"{limit // mib} MiB" if limit % mib == 0 else f"{limit} bytes"
+
+
 def _urlencode(pairs: list[tuple[str, str]]) -> str:
     from urllib.parse import urlencode
 
@@ -378,13 +383,13 @@ async def _read_form(request: Request, limit: int) -> Any:
     budget = limit + _FORM_OVERHEAD
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > budget:
-        raise ApiError(413, f"the upload is larger than {limit // (1024 * 1024)} MiB")
+        raise ApiError(413, f"the upload is larger than {_size(limit)}")
     chunks: list[bytes] = []
     size = 0
     async for chunk in request.stream():
         size += len(chunk)
         if size > budget:
-            raise ApiError(413, f"the upload is larger than {limit // (1024 * 1024)} MiB")
+            raise ApiError(413, f"the upload is larger than {_size(limit)}")
         chunks.append(chunk)
 
     async def body() -> AsyncIterator[bytes]:
