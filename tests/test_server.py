@@ -338,3 +338,23 @@ def test_queries_keep_working_while_index_runs_in_another_process(library, clien
     assert client.get("/api/info").json()["images"] == 30
     new_id = next(row["id"] for row in final if "/incoming/" in row["path"])
     assert client.get(f"/api/thumb/{new_id}").status_code == 200
+
+
+def test_rerank_where_the_model_has_a_reranker(untrained_rerank_model, photo_dir, tmp_path):
+    corpus = tmp_path / "texts.txt"
+    corpus.write_text("a red apple\na blue sea\na green leaf\n")
+    with Library.open(tmp_path / "rr-home", model=str(untrained_rerank_model)) as lib:
+        lib.add_images([photo_dir])
+        lib.add_texts(corpus)
+        with TestClient(create_app(lib)) as c:
+            assert c.get("/api/info").json()["reranker"] is True
+            plain = c.get("/api/search", params={"q": "red", "k": 4}).json()["results"]
+            reranked = c.get("/api/search", params={"q": "red", "k": 4, "rerank": 1}).json()["results"]
+            # an untrained re-ranker adds nothing: the same order, with the dual score kept
+            assert [r["id"] for r in reranked] == [r["id"] for r in plain]
+            assert all(r["dual_score"] == pytest.approx(r["score"], abs=1e-5) and "thumb" in r for r in reranked)
+            by_image = c.post("/api/search", data={"texts": "1", "rerank": "1", "k": "2"},
+                              files={"image": ("x.png", png_bytes())})
+            assert by_image.status_code == 200 and all("dual_score" in r for r in by_image.json()["results"])
+            r = c.post("/api/search", data={"rerank": "1"}, files={"image": ("x.png", png_bytes())})
+            assert r.status_code == 400 and "--" not in one_line_error(r)
