@@ -122,9 +122,10 @@ def main_options(
     ),
 ) -> None:
     """Search your images and texts by meaning."""
-    from mmsearch.runtime import route_logging
+    from mmsearch.runtime import quiet_library_warnings, route_logging
 
     route_logging()
+    quiet_library_warnings()
     ctx.obj = resolve(home=home, model=model, device=device, batch_size=batch_size, workers=workers, int8=int8 or None)
 
 
