@@ -23,8 +23,10 @@ DEFAULT_MAX_FILE_SIZE = 200_000_000
 
 #: Opened without waiting for a FIFO's writer or a device; never the controlling terminal.
 _OPEN_FLAGS = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0) | getattr(os, "O_CLOEXEC", 0)
-#: After the first read (the size ``fstat`` gave), reads continue in pieces this large.
-_CHUNK = 1 << 22
+#: After the first read (the size ``fstat`` gave), reads continue in pieces
+#: doubling from the first to the second size (a short read, or a file that grew).
+_NEXT_READ = 1 << 16
+_MAX_READ = 1 << 22
 
 
 class FileRefused(Exception):
@@ -117,15 +119,18 @@ def read_regular(path: str, limit: int) -> tuple[bytes, os.stat_result]:
             pieces: list[bytes] = []
             got = 0
             want = st.st_size + 1  # the whole file in one read, as a rule; one byte more shows growth
+            then = _NEXT_READ
             while got <= limit:
                 piece = os.read(fd, min(want, limit + 1 - got))
-                want = _CHUNK
                 if not piece:
                     break
                 pieces.append(piece)
                 got += len(piece)
+                want, then = then, min(2 * then, _MAX_READ)
         except OSError as exc:
             raise FileRefused(describe_os_error(exc)) from None
+        except MemoryError:
+            raise FileRefused("not enough memory to read it") from None
     finally:
         os.close(fd)
     if got > limit:  # it grew past the limit while it was read
