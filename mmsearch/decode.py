@@ -178,9 +178,13 @@ def decode_file(
         return Decoded(entry, digest)
     try:
         img = load_image(data, min_side)
-        pixels = preprocess(img)
     except Exception as exc:  # Pillow raises many types for bad data
         return Skipped(entry.path, decode_failure(exc))
+    try:
+        pixels = preprocess(img)
+    except Exception as exc:  # a picture the model's preprocessing cannot take: say what it said
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        return Skipped(entry.path, f"cannot prepare it for the model: {reason[:160]}")
     return Decoded(entry, digest, img.width, img.height, pixels)
 
 
