@@ -20,7 +20,7 @@ import numpy as np
 from mmsearch.decode import decode_failure, enable_heif, load_image
 from mmsearch.discover import is_image_name
 from mmsearch.errors import EmptyIndexError, InputFileError, UsageError
-from mmsearch.files import FileRefused, not_a_file
+from mmsearch.files import FileRefused, describe_os_error, not_a_file
 from mmsearch.home import Home
 from mmsearch.store import Kind
 
@@ -101,8 +101,10 @@ def check_query_image(path: Path) -> None:
         mode = path.stat().st_mode
     except FileNotFoundError:
         raise InputFileError(f"no such image: {path}") from None
-    except (OSError, ValueError) as exc:
-        raise InputFileError(f"{path}: {getattr(exc, 'strerror', None) or exc}") from None
+    except OSError as exc:
+        raise InputFileError(f"{path}: {describe_os_error(exc)}") from None
+    except ValueError:  # a NUL in the name
+        raise InputFileError(f"no such image: {path!r}") from None
     kind = not_a_file(mode)
     if kind is not None:
         raise InputFileError(f"{path}: {kind}")
