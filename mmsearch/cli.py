@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -41,7 +42,7 @@ def handle_errors(fn: F) -> F:
         try:
             return fn(*args, **kwargs)
         except MmsearchError as exc:
-            typer.echo(f"error: {exc}", err=True)
+            typer.echo(f"error: {one_line(str(exc))}", err=True)
             raise typer.Exit(exc.exit_code) from None
         except KeyboardInterrupt:
             typer.echo("interrupted; what was finished is kept", err=True)
@@ -50,9 +51,29 @@ def handle_errors(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+#: Control characters (C0, DEL, C1) and Unicode line/paragraph separators: each would
+#: break a line or drive the terminal (ESC) if printed as is.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+_NAMED = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def _escape(match: re.Match[str]) -> str:
+    char = match.group()
+    code = ord(char)
+    return _NAMED.get(char) or (f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}")
+
+
+def one_line(text: str) -> str:
+    """``text`` with control characters escaped (``\\n``, ``\\t``, ``\\x1b``), so it prints as one line.
+
+    For plain output only; ``--json`` output keeps every character exact.
+    """
+    return _CONTROL.sub(_escape, text)
+
+
 def show_path(path: str) -> str:
-    """A path printable on any terminal (undecodable bytes shown as escapes)."""
-    return os.fsencode(path).decode("utf-8", "backslashreplace")
+    """A path printable on any terminal as one line (undecodable bytes and control characters as escapes)."""
+    return one_line(os.fsencode(path).decode("utf-8", "backslashreplace"))
 
 
 def warn(message: str) -> None:
@@ -137,25 +158,37 @@ def index(
     as_json: bool = typer.Option(False, "--json", help="Print the counts as one JSON object on the last line."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
     strict: bool = typer.Option(False, "--strict", help="Exit non-zero (3) if any file was skipped."),
+    max_file_size: Optional[str] = typer.Option(
+        None, "--max-file-size", metavar="SIZE",
+        help="Skip image files larger than this (200MB, 1G, 1.5GiB...). Env: MMSEARCH_MAX_FILE_SIZE. Default: 200MB.",
+    ),
 ) -> None:
     """Embed every image under PATH...; unchanged files are not read again."""
-    from mmsearch.home import Home
-    from mmsearch.indexer import index_paths
-    from mmsearch.runtime import prepare_model_access, share_cores_with_decoding, threads_for_lanes
+    import dataclasses
 
+    from mmsearch.home import Home
+    from mmsearch.indexer import index_paths, unsupported_notes
+    from mmsearch.runtime import prepare_model_access, share_cores_with_decoding, threads_for_lanes
+    from mmsearch.settings import parse_size
+
+    settings = settings_of(ctx)
+    if max_file_size is not None:
+        settings = dataclasses.replace(settings, max_file_size=parse_size(max_file_size, "--max-file-size"))
     share_cores_with_decoding()  # before torch loads (an unchanged folder never loads it)
-    with Home.open(settings_of(ctx)) as home:
+    with Home.open(settings) as home:
         home.before_model_load = prepare_model_access
         report = index_paths(
             home, paths, progress=not quiet, on_lanes=threads_for_lanes,
-            on_skip=lambda path, reason: warn(f"skipped {show_path(path)}: {reason}"),
+            on_skip=lambda path, reason: warn(f"skipped {show_path(path)}: {one_line(reason)}"),
         )
+    for note in unsupported_notes(report):
+        warn(note)
     if as_json:
         echo_json(report.as_dict())
     else:
         typer.echo(
             f"added {report.added}, updated {report.updated}, unchanged {report.unchanged}, "
-            f"removed {report.removed}, skipped {report.skipped} ({report.seconds:.1f} s)"
+            f"removed {report.removed}, skipped {report.skipped}, ignored {report.ignored} ({report.seconds:.1f} s)"
         )
     if strict and report.skipped:
         raise typer.Exit(3)
@@ -223,7 +256,7 @@ def search(
         home.before_model_load = before_model_load
         hits = run_search(
             home, query, image=image, target="text" if texts else "image", k=top_k,
-            rerank_k=rerank_k if rerank else 0,
+            rerank_k=rerank_k if rerank else 0, on_warning=lambda message: warn(one_line(message)),
         )
     if as_json:
         for hit in hits:
@@ -233,7 +266,7 @@ def search(
         typer.echo("no results", err=True)
         return
     for hit in hits:
-        shown = show_path(hit.path) if hit.path is not None else (hit.text or "")
+        shown = show_path(hit.path) if hit.path is not None else one_line(hit.text or "")
         label = "" if hit.kind == "image" else f"[{hit.id}] "
         typer.echo(f"{hit.rank:>3}  {hit.score:6.3f}  {label}{shown}")
 
@@ -362,7 +395,7 @@ def evaluate(
     prepare_model_access(parse(settings.model or DEFAULT_MODEL))
     result = run_eval(
         pairs, settings, rerank=rerank, rerank_k=rerank_k, progress=not quiet,
-        on_skip=lambda path, reason: warn(f"skipped {show_path(path)}: {reason}"),
+        on_skip=lambda path, reason: warn(f"skipped {show_path(path)}: {one_line(reason)}"),
     )
     if as_json:
         echo_json(result)

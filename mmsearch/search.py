@@ -10,15 +10,17 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from mmsearch.decode import enable_heif, load_image
+from mmsearch.decode import decode_failure, enable_heif, load_image
 from mmsearch.discover import is_image_name
 from mmsearch.errors import EmptyIndexError, InputFileError, UsageError
+from mmsearch.files import FileRefused, describe_os_error, not_a_file
 from mmsearch.home import Home
 from mmsearch.store import Kind
 
@@ -72,25 +74,74 @@ def parse_query(query: str) -> list[Term]:
         match = _WEIGHT.match(text)
         if match:
             weight, text = float(match.group(1)), match.group(2).strip()
-        candidate = Path(text).expanduser()
-        image = candidate if is_image_name(text) and candidate.is_file() else None
-        terms.append(Term(sign * weight, text, image))
+        terms.append(Term(sign * weight, text, _image_term(text)))
     if not terms:
         raise UsageError("empty query: give some text, or --image FILE")
     return terms
+
+
+def _image_term(text: str) -> Path | None:
+    """The image a query term names: an existing path with an image's extension, else ``None`` (text)."""
+    if not is_image_name(text):
+        return None
+    candidate = Path(text).expanduser()
+    try:
+        mode = candidate.stat().st_mode
+    except (OSError, ValueError):  # no such file (or no possible one): the term is text
+        return None
+    kind = not_a_file(mode)
+    if kind is not None:
+        raise InputFileError(f"{candidate}: {kind} (a query term that names a path must name an image file)")
+    return candidate
+
+
+def check_query_image(path: Path) -> None:
+    """Raise :class:`InputFileError` unless ``path`` is a regular file (a directory, FIFO... is not)."""
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        raise InputFileError(f"no such image: {path}") from None
+    except OSError as exc:
+        raise InputFileError(f"{path}: {describe_os_error(exc)}") from None
+    except ValueError:  # a NUL in the name
+        raise InputFileError(f"no such image: {path!r}") from None
+    kind = not_a_file(mode)
+    if kind is not None:
+        raise InputFileError(f"{path}: {kind}")
 
 
 def embed_image_file(home: Home, path: Path) -> np.ndarray:
     """The embedding of one image file given as a query."""
     enable_heif()
     encoder = home.encoder()
-    if not path.is_file():
-        raise InputFileError(f"no such image: {path}")
+    check_query_image(path)
     try:
-        img = load_image(str(path), encoder.image_size)
+        img = load_image(path, encoder.image_size, max_bytes=home.settings.max_file_size)
+    except FileRefused as exc:
+        raise InputFileError(f"{path}: {exc.reason}") from None
     except Exception as exc:
-        raise InputFileError(f"{path} is not an image this tool can read ({type(exc).__name__})") from None
+        raise InputFileError(f"{path}: {decode_failure(exc)}") from None
     return encoder.embed_images(encoder.preprocess(img).unsqueeze(0))[0]
+
+
+def truncation_warnings(home: Home, query: str | None) -> list[str]:
+    """One line per text term of ``query`` longer than the model's context (it is encoded truncated)."""
+    if not query:
+        return []
+    texts = [t.text for t in parse_query(query) if t.image is None]
+    if not texts:
+        return []
+    encoder = home.encoder()
+    tokens = encoder.tokenize(texts)
+    out = []
+    for text, row in zip(texts, tokens):
+        if int(row[-1]) != 0:
+            shown = text if len(text) <= 40 else text[:40] + "..."
+            out.append(
+                f"the query {shown!r} is longer than the model's {encoder.context_length}-token context "
+                "and was truncated"
+            )
+    return out
 
 
 def query_vector(home: Home, query: str | None, image: Path | None) -> np.ndarray:
@@ -124,11 +175,13 @@ def search(
     target: Kind = "image",
     k: int = 10,
     rerank_k: int = 0,
+    on_warning: Callable[[str], None] | None = None,
 ) -> list[Hit]:
     """The ``k`` best images (or texts) for a text query and/or an example image.
 
     With ``rerank_k``, the best ``rerank_k`` candidates are re-scored by the
     model's cross-attention re-ranker (see :mod:`mmsearch.rerank`).
+    ``on_warning`` hears of query text cut to the model's context.
     """
     if k < 1:
         raise UsageError(f"--top-k must be at least 1, got {k}")
@@ -136,6 +189,11 @@ def search(
         what = "images" if target == "image" else "texts"
         hint = "mmsearch index FOLDER" if target == "image" else "mmsearch add-texts FILE"
         raise EmptyIndexError(f"no {what} in {home.settings.home} yet; run `{hint}` first")
+    if image is not None:
+        check_query_image(image)
+    if on_warning is not None:
+        for message in truncation_warnings(home, query):
+            on_warning(message)
     if rerank_k > 0:
         from mmsearch.rerank import rerank_hits, rerank_query
 
