@@ -74,6 +74,7 @@ SEARCHES = [
     ["search", "sky", "--texts"],
     ["search", "sky", "--texts", "--json", "-k", "2"],
     ["search", "a picture", "-k", "50", "--json"],
+    ["search", " ".join(["long"] * 120), "-k", "2"],  # truncated: the same warning on stderr
     ["status"],
     ["status", "--json"],
 ]
@@ -83,6 +84,7 @@ def test_same_output_through_the_server_byte_for_byte(served, monkeypatch):
     indexed, home, proc, record = served
     assert (home / "serve.json").stat().st_mode & 0o777 == 0o600
     served = {tuple(args): run(*indexed, *args) for args in SEARCHES}
+    assert b"truncated" in served[tuple(SEARCHES[-3])].stderr_bytes
     # no server: the same commands in-process (a record of a dead server is ignored)
     monkeypatch.setattr(client_mod, "read_record", lambda *a, **k: None)
     for args, through_server in served.items():
