@@ -269,18 +269,24 @@ def create_app(
         if not isinstance(upload, UploadFile):
             raise ApiError(400, "the form needs an 'image' file field")
         data = await upload.read()
+        await form.close()
         if len(data) > max_upload_bytes:
             raise ApiError(413, f"the image is larger than {_size(max_upload_bytes)}")
-        field = lambda name: form.get(name) if isinstance(form.get(name), str) else None  # noqa: E731
+
+        def field(name: str) -> str | None:
+            value = form.get(name)
+            return value if isinstance(value, str) else None
+
         q = (field("q") or "").strip() or None
         target = "text" if _bool_param("texts", field("texts")) else "image"
+        warnings: list[str] = []
         hits = await run_in_threadpool(
             lambda: library.search(
                 q, image=data, target=target, k=_int_param("k", field("k"), 10, 1, MAX_K),
-                rerank_k=_rerank_k(field("rerank")), files=False,
+                rerank_k=_rerank_k(field("rerank")), files=False, on_warning=warnings.append,
             )
         )
-        return results(hits, started)
+        return results(hits, started, warnings=warnings)
 
     @api.get("/similar/{image_id}")
     def similar(image_id: str, k: str | None = None) -> dict[str, Any]:
