@@ -280,6 +280,15 @@ def _set_readonly_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.close()
 
 
+def _if_disk_full(folder: Path) -> str:
+    """A hint for SQLite's vague "disk I/O error": the folder's disk has (almost) no room left."""
+    try:
+        st = os.statvfs(folder)
+    except OSError:
+        return ""
+    return " (its disk is full: free some space)" if st.f_bavail * st.f_frsize < (1 << 20) else ""
+
+
 class _Checkpointer:
     """Copies committed writes from the WAL into the database in a background thread.
 
@@ -436,7 +445,8 @@ class Catalog:
         except CatalogError:
             raise
         except (DBAPIError, OSError) as exc:
-            raise CatalogError(f"cannot open catalog {path}: {str(exc).splitlines()[0]}") from None
+            reason = str(getattr(exc, "orig", None) or exc).splitlines()[0]
+            raise CatalogError(f"cannot open catalog {path}: {reason}{_if_disk_full(path.parent)}") from None
         return cls(engine, path, readonly=readonly)
 
     def close(self) -> None:
