@@ -439,3 +439,19 @@ def test_home_not_writable_by_the_user(tmp_path: Path, tiny_model: Path, photo_d
         f"error: {home} is read-only; search, status and check work there, "
         "but index, add-texts and check --repair need a home you can write to"
     ), index
+
+
+def test_read_only_home_with_a_moved_model(tmp_path: Path, tiny_model: Path, photo_dir: Path, read_only_view) -> None:  # type: ignore[no-untyped-def]
+    """The move is recognised but cannot be recorded: the home keeps naming the old path, and works."""
+    model = Path(shutil.copytree(tiny_model, tmp_path / "model"))
+    home = tmp_path / "home"
+    ok(["--home", str(home), "--model", str(model)], "index", "--quiet", str(photo_dir))
+    moved = tmp_path / "moved"
+    shutil.move(model, moved)
+    ro = read_only_view(home)
+    base = ["--home", str(ro), "--model", str(moved)]
+    assert len(ok(base, "search", "red", "--json").stdout.splitlines()) == 6
+    assert json.loads(ok(base, "status", "--json").stdout)["model"] == f"local-dir:{model}"
+    assert ok(base, "check").stdout.strip().endswith("ok")
+    with Catalog.open(ro / "catalog.sqlite3", create=False) as catalog:
+        assert catalog.get_meta("model") == f"local-dir:{model}"
