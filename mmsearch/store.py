@@ -446,7 +446,11 @@ class Catalog:
             raise
         except (DBAPIError, OSError) as exc:
             reason = str(getattr(exc, "orig", None) or exc).splitlines()[0]
-            raise CatalogError(f"cannot open catalog {path}: {reason}{_if_disk_full(path.parent)}") from None
+            if readonly and Path(f"{path}-wal").exists():
+                reason += f" (the home is read-only and {path.name}-wal holds writes not yet in the catalog: open it once where it can be written)"
+            else:
+                reason += _if_disk_full(path.parent)
+            raise CatalogError(f"cannot open catalog {path}: {reason}") from None
         return cls(engine, path, readonly=readonly)
 
     def close(self) -> None:

@@ -61,14 +61,14 @@ def test_fingerprint_is_content_not_place(tmp_path: Path, tiny_model: Path) -> N
     assert modelid.model_files(parse(str(tmp_path))) is None  # not a model folder
     weights = parse(f"ViT-B-32:{tiny_model / 'open_clip_model.safetensors'}")
     assert modelid.model_files(weights) == [tiny_model / "open_clip_model.safetensors"]
-    assert modelid.fingerprint(weights, modelid.model_files(weights)).startswith("blake2b:")
+    assert modelid.fingerprint(weights, modelid.model_files(weights)).startswith("sha256:")
 
 
 def test_moved_model_folder_is_accepted(tmp_path: Path, model: Path, photo_dir: Path) -> None:
     home = tmp_path / "home"
     ok("--home", str(home), "--model", str(model), "index", "--quiet", str(photo_dir))
     recorded = meta(home)
-    assert recorded["model"] == f"local-dir:{model}" and recorded["model_hash"].startswith("blake2b:")
+    assert recorded["model"] == f"local-dir:{model}" and recorded["model_hash"].startswith("sha256:")
     sidecar = home / "images.faiss.json"
     index_bytes = (home / "images.faiss").read_bytes()
 

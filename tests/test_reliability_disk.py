@@ -455,3 +455,18 @@ def test_read_only_home_with_a_moved_model(tmp_path: Path, tiny_model: Path, pho
     assert ok(base, "check").stdout.strip().endswith("ok")
     with Catalog.open(ro / "catalog.sqlite3", create=False) as catalog:
         assert catalog.get_meta("model") == f"local-dir:{model}"
+
+
+def test_read_only_home_with_a_wal_but_no_shm(tmp_path: Path, tiny_model: Path, photo_dir: Path, read_only_view) -> None:  # type: ignore[no-untyped-def]
+    """A writer killed, then the disk made read-only without its -shm: one line that says what to do."""
+    home = tmp_path / "home"
+    ok(["--home", str(home), "--model", str(tiny_model)], "index", "--quiet", str(photo_dir))
+    writer = sqlite3.connect(home / "catalog.sqlite3", isolation_level=None)
+    writer.execute("PRAGMA wal_autocheckpoint=0")
+    writer.execute("INSERT INTO meta (key, value) VALUES ('probe', 'in the wal')")
+    shutil.copy(f"{home}/catalog.sqlite3-wal", tmp_path / "wal")
+    writer.close()
+    shutil.copy(tmp_path / "wal", f"{home}/catalog.sqlite3-wal")
+    ro = read_only_view(home)
+    line = one_error_line(invoke(["--home", str(ro)], "search", "red"))
+    assert "catalog.sqlite3-wal holds writes not yet in the catalog" in line, line
