@@ -6,6 +6,7 @@ import fcntl
 import json
 import os
 import re
+import shlex
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -13,7 +14,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from mmsearch import modelid, modelspec
-from mmsearch.errors import HomeLockedError, HomeWriteError, ModelMismatchError, ModelUnavailableError
+from mmsearch.errors import (
+    CatalogError,
+    HomeLockedError,
+    HomeWriteError,
+    ModelMismatchError,
+    ModelUnavailableError,
+)
 from mmsearch.settings import DEFAULT_MODEL, Settings
 from mmsearch.store import KINDS, READ_ONLY_ERRNOS, Catalog, Kind, read_only_error
 
@@ -95,7 +102,14 @@ class Home:
         stamp = modelid.stamp(files)
         if self.catalog.get_meta("model_stamp") == stamp and self.catalog.get_meta("model_hash"):
             return
-        self.catalog.set_meta({"model_hash": modelid.fingerprint(spec, files), "model_stamp": stamp})
+        self._try_set_meta({"model_hash": modelid.fingerprint(spec, files), "model_stamp": stamp})
+
+    def _try_set_meta(self, values: dict[str, str]) -> None:
+        """Record facts a later open can work out again: a full disk must not stop a reader for them."""
+        try:
+            self.catalog.set_meta(values)
+        except CatalogError:
+            pass
 
     def _is_same_model(self, recorded: modelspec.ModelSpec, asked: modelspec.ModelSpec) -> bool:
         """Whether ``asked`` is the home's local model at another path (same files, same hash)."""
@@ -111,12 +125,13 @@ class Home:
                 raise ModelMismatchError(
                     f"{self.settings.home} was indexed with model {recorded}, which is not there any more, "
                     f"and the home has no record of its contents to recognise it by; if {asked.path} is that "
-                    f"model moved, link it there once (ln -s {asked.path} {recorded.path}) and run "
-                    f"`mmsearch --home {self.settings.home} --model {asked.path} status`"
+                    f"model moved, link it there once (ln -s {shlex.quote(str(asked.path))} "
+                    f"{shlex.quote(str(recorded.path))}) and run "
+                    f"`mmsearch --home {shlex.quote(str(self.settings.home))} --model {shlex.quote(str(asked.path))} status`"
                 )
             known = modelid.fingerprint(recorded, old_files)
             if not self.catalog.readonly:
-                self.catalog.set_meta({"model_hash": known, "model_stamp": modelid.stamp(old_files)})
+                self._try_set_meta({"model_hash": known, "model_stamp": modelid.stamp(old_files)})
         return modelid.fingerprint(asked, files) == known
 
     def _record_move(self, recorded: str, asked: modelspec.ModelSpec) -> None:
@@ -135,7 +150,7 @@ class Home:
                 for path in self._files_naming_model():
                     _rename_model_in(path, recorded, asked.canonical)
                 self.catalog.set_meta({"model": asked.canonical, "model_stamp": modelid.stamp(files)})
-        except (HomeLockedError, HomeWriteError):
+        except (HomeLockedError, HomeWriteError, CatalogError):
             self._label = recorded
 
     def _files_naming_model(self) -> list[Path]:
