@@ -19,7 +19,7 @@ from sqlalchemy import func, select, text
 
 from mmsearch.home import Home
 from mmsearch.settings import Settings
-from mmsearch.store import KINDS, TABLES, ImageRow, Kind, path_from_db
+from mmsearch.store import KINDS, TABLES, ImageRow, Kind, path_from_db, read_only_error
 
 #: ``error``: the catalog itself is damaged (repair cannot fix it);
 #: ``fixable``: an index differs from the catalog (``--repair`` rebuilds it);
@@ -68,6 +68,8 @@ class CheckReport:
 def check_home(settings: Settings, *, repair: bool = False) -> CheckReport:
     """Compare catalog, indexes and files of a home; with ``repair``, rebuild what differs."""
     with Home.open(settings, create=False) as home:
+        if repair and home.catalog.readonly:
+            raise read_only_error(settings.home)
         report = _check(home)
         needed = any(f.severity == "fixable" for f in report.findings) or _temp_files(settings)
         if repair and needed:

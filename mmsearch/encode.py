@@ -19,6 +19,7 @@ from mmsearch.errors import (
     ModelUnavailableError,
     UnsafeCheckpointError,
 )
+from mmsearch.modelid import local_dir_weights
 from mmsearch.modelspec import ModelSpec, parse
 
 if TYPE_CHECKING:
@@ -111,7 +112,7 @@ def _create(spec: ModelSpec, device: str) -> tuple[Any, Callable, Any]:
         config = spec.path / "open_clip_config.json"
         if not config.is_file():
             raise ModelSpecError(f"{spec.path} is not a model directory: no open_clip_config.json in it")
-        weights = _local_dir_weights(spec.path)
+        weights = local_dir_weights(spec.path)
         if weights is None:
             raise ModelUnavailableError(f"{spec.path} holds no weights (open_clip_model.safetensors)")
         check_weights_file(weights)
@@ -147,19 +148,6 @@ def _create(spec: ModelSpec, device: str) -> tuple[Any, Callable, Any]:
     return model, preprocess, tokenizer
 
 
-def _local_dir_weights(path: Path) -> Path | None:
-    for name in (
-        "open_clip_model.safetensors",
-        "open_clip_pytorch_model.safetensors",
-        "model.safetensors",
-        "open_clip_pytorch_model.bin",
-        "pytorch_model.bin",
-        "model.pth",
-    ):
-        if (path / name).is_file():
-            return path / name
-    found = sorted(path.glob("*.safetensors")) + sorted(path.glob("*.bin")) + sorted(path.glob("*.pth"))
-    return found[0] if found else None
 
 
 def _is_fetch_failure(exc: BaseException) -> bool:

@@ -47,6 +47,14 @@ class HomeLockedError(MmsearchError):
     """Another process is writing to the same home."""
 
 
+class HomeWriteError(MmsearchError):
+    """A file of the home cannot be written (a full disk, an I/O error); what was committed is kept."""
+
+
+class ReadOnlyHomeError(HomeWriteError):
+    """A writing command on a home that cannot be written (read-only media, another user's folder)."""
+
+
 class InputFileError(MmsearchError):
     """A file handed to a command (a text corpus, a query image, pairs) is unusable."""
 

@@ -170,7 +170,7 @@ class VectorIndex:
         """Write index and sidecar atomically (temp file, fsync, rename)."""
         faiss = _faiss()
         path.parent.mkdir(parents=True, exist_ok=True)
-        _atomic_write(path, lambda tmp: faiss.write_index(self.faiss_index, tmp))
+        _atomic_write(path, lambda tmp: _write_faiss(faiss, self.faiss_index, tmp))
         payload = json.dumps(self.sidecar(), indent=2).encode()
         _atomic_write(sidecar_path(path), lambda tmp: Path(tmp).write_bytes(payload))
 
@@ -208,6 +208,16 @@ def sidecar_is_current(path: Path, generation: int, dim: int, model: str) -> boo
         return path.exists() and (meta["generation"], meta["dim"], meta["model"]) == (generation, dim, model)
     except (OSError, ValueError, KeyError, TypeError):
         return False
+
+
+def _write_faiss(faiss: Any, index: Any, tmp: str) -> None:
+    """Write ``index`` to ``tmp`` through a Python file, so a full disk is an ``OSError`` with its errno.
+
+    FAISS's own file writer reports it as a ``RuntimeError`` and then prints
+    a second complaint to stderr, past any error handling, as it closes the file.
+    """
+    with open(tmp, "wb") as fh:
+        faiss.write_index(index, faiss.PyCallbackIOWriter(fh.write))
 
 
 def _atomic_write(path: Path, write: Any) -> None:

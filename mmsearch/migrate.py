@@ -76,6 +76,14 @@ def _current_from_table(engine: Engine) -> str | None:
         return None
 
 
+def needs_upgrade(engine: Engine) -> bool:
+    """Whether the catalog's schema is older than this mmsearch's (reads only; for read-only catalogs)."""
+    files_head = _head_from_files()
+    if files_head is not None and _current_from_table(engine) == files_head:
+        return False
+    return current_revision(engine) != head_revision()
+
+
 def upgrade(engine: Engine) -> None:
     """Bring the catalog to the newest schema; a no-op (one query, no Alembic import) when it is there."""
     files_head = _head_from_files()

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from mmsearch.errors import RerankerUnavailableError, UsageError
+from mmsearch.errors import HomeWriteError, RerankerUnavailableError, UsageError
 from mmsearch.towers import image_token_states, text_token_states
 
 if TYPE_CHECKING:
@@ -218,10 +218,14 @@ class TokenStore:
             return cls(folder, int(meta["tokens"]), int(meta["dim"]))
         if shape is None:
             return None
-        folder.mkdir(parents=True, exist_ok=True)
-        for path in (folder / "tokens.f16", folder / "tokens.hashes"):
-            path.unlink(missing_ok=True)
-        meta_path.write_text(json.dumps({"model": model, "tokens": shape[0], "dim": shape[1], "dtype": "float16"}))
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            for path in (folder / "tokens.f16", folder / "tokens.hashes"):
+                path.unlink(missing_ok=True)
+            meta_path.write_text(json.dumps({"model": model, "tokens": shape[0], "dim": shape[1], "dtype": "float16"}))
+        except OSError as exc:
+            meta_path.unlink(missing_ok=True)  # a half-written header would not parse next time
+            raise _cannot_write(meta_path, exc) from None
         return cls(folder, shape[0], shape[1])
 
     def add(self, hashes: Sequence[str], tokens: np.ndarray) -> None:
@@ -232,13 +236,23 @@ class TokenStore:
         if not new:
             return
         block = np.ascontiguousarray(tokens[[i for _, i in new]], dtype="<f2")
-        with open(self.data_path, "r+b" if self.data_path.exists() else "wb") as f:
-            f.seek(self._count * self.row_bytes)
-            f.write(block.tobytes())
-            f.flush()
-            os.fsync(f.fileno())
-        with open(self.hash_path, "a") as f:
-            f.write("".join(h + "\n" for h, _ in new))
+        path = self.data_path
+        try:
+            with open(self.data_path, "r+b" if self.data_path.exists() else "wb") as f:
+                f.seek(self._count * self.row_bytes)
+                f.write(block.tobytes())
+                f.flush()
+                os.fsync(f.fileno())
+            path = self.hash_path
+            listed = self.hash_path.stat().st_size if self.hash_path.exists() else 0
+            try:
+                with open(self.hash_path, "a") as f:
+                    f.write("".join(h + "\n" for h, _ in new))
+            except OSError:
+                os.truncate(self.hash_path, listed)  # a partly listed batch would shift every later row
+                raise
+        except OSError as exc:
+            raise _cannot_write(path, exc) from None
         for h, _ in new:
             self.rows[h] = self._count
             self._count += 1
@@ -253,6 +267,14 @@ class TokenStore:
             row = self.rows.get(h)
             out.append(None if row is None or self._map is None else np.asarray(self._map[row]))
         return out
+
+
+def _cannot_write(path: Path, exc: OSError) -> HomeWriteError:
+    """A store write that failed (a full disk): the batch is not listed, what was stored is kept."""
+    return HomeWriteError(
+        f"cannot write {path}: {exc.strerror or exc}; what was indexed before is kept, "
+        "and the next `mmsearch index` goes on from there"
+    )
 
 
 def token_sink(home: "Home", encoder: "Encoder") -> TokenStore | None:

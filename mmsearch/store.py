@@ -12,12 +12,15 @@ will hold.
 
 from __future__ import annotations
 
+import errno
 import json
 import operator
+import os
 import re
 import sqlite3
 import threading
 import time
+import urllib.parse
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from itertools import repeat
@@ -42,7 +45,7 @@ from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-from mmsearch.errors import CatalogError
+from mmsearch.errors import CatalogError, ReadOnlyHomeError
 
 Kind = Literal["image", "text"]
 KINDS: tuple[Kind, ...] = ("image", "text")
@@ -225,6 +228,67 @@ def make_engine(path: Path) -> Engine:
     return engine
 
 
+#: What ``open(2)`` says where a file may not be written, though it exists.
+READ_ONLY_ERRNOS = frozenset({errno.EROFS, errno.EACCES, errno.EPERM})
+
+
+def read_only_error(home: Path) -> ReadOnlyHomeError:
+    """The one line a writing command gets on a home it cannot write."""
+    return ReadOnlyHomeError(
+        f"{home} is read-only; search, status and check work there, "
+        "but index, add-texts and check --repair need a home you can write to"
+    )
+
+
+def may_write(path: Path) -> bool:
+    """Whether this process can write the catalog at ``path`` and create files beside it.
+
+    ``access(2)`` answers for the real user and says EROFS on read-only
+    media even to root, who is otherwise allowed everything.
+    """
+    return os.access(path.parent, os.W_OK) and (not path.exists() or os.access(path, os.W_OK))
+
+
+def make_readonly_engine(path: Path) -> Engine:
+    """An engine that only reads the catalog at ``path``, on a folder it cannot write.
+
+    A WAL database needs its ``-shm`` file, which SQLite creates on open and
+    cannot where the folder is read-only: plain and ``mode=ro`` opens then fail
+    with "unable to open database file". With no ``-wal``/``-shm`` left (every
+    writer closed cleanly), the database file alone holds everything, and
+    ``immutable=1`` reads it without those files or any locks. Where a ``-wal``
+    remains (a writer still open, or killed), its commits are not in the
+    database file yet, so it is read with ``mode=ro``, which uses an existing
+    ``-shm`` read-only.
+    """
+    sidecars = [Path(f"{path}-wal"), Path(f"{path}-shm")]
+    mode = "mode=ro" if any(p.exists() for p in sidecars) else "immutable=1"
+    uri = f"file:{urllib.parse.quote(os.fsencode(path))}?{mode}"
+    engine = create_engine(
+        f"sqlite:///{path}", future=True,
+        creator=lambda: sqlite3.connect(uri, uri=True, check_same_thread=False),
+    )
+    event.listen(engine, "connect", _set_readonly_pragmas)
+    return engine
+
+
+def _set_readonly_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA cache_size=-65536")  # as for writers: the reads of a large catalog
+    cursor.execute("PRAGMA busy_timeout=30000")
+    cursor.execute("PRAGMA query_only=1")
+    cursor.close()
+
+
+def _if_disk_full(folder: Path) -> str:
+    """A hint for SQLite's vague "disk I/O error": the folder's disk has (almost) no room left."""
+    try:
+        st = os.statvfs(folder)
+    except OSError:
+        return ""
+    return " (its disk is full: free some space)" if st.f_bavail * st.f_frsize < (1 << 20) else ""
+
+
 class _Checkpointer:
     """Copies committed writes from the WAL into the database in a background thread.
 
@@ -307,9 +371,11 @@ class _Checkpointer:
 class Catalog:
     """The catalog of one home. Open with :meth:`open`; close when done."""
 
-    def __init__(self, engine: Engine, path: Path):
+    def __init__(self, engine: Engine, path: Path, *, readonly: bool = False):
         self.engine = engine
         self.path = path
+        #: opened read-only: the home cannot be written (see :meth:`open`)
+        self.readonly = readonly
         self._checkpointer = _Checkpointer(path)
         name = self.get_meta("vector_dtype") or "float32"
         if name not in VECTOR_DTYPES:
@@ -345,20 +411,47 @@ class Catalog:
 
     @classmethod
     def open(cls, path: Path, *, create: bool = True) -> "Catalog":
-        """Open (and migrate to head) the catalog at ``path``."""
-        from mmsearch.migrate import upgrade
+        """Open (and migrate to head) the catalog at ``path``.
+
+        A catalog this process cannot write (read-only media, someone else's
+        folder) is opened read-only: reads work, every write raises
+        :class:`ReadOnlyHomeError`.
+        """
+        from mmsearch.migrate import needs_upgrade, upgrade
 
         if not create and not path.exists():
             raise CatalogError(f"no catalog at {path}; run `mmsearch index` or `mmsearch add-texts` first")
+        readonly = False
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            engine = make_engine(path)
-            upgrade(engine)
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                if exc.errno in READ_ONLY_ERRNOS:
+                    raise read_only_error(path.parent) from None
+                raise
+            readonly = not may_write(path)
+            if readonly and not path.exists():
+                raise read_only_error(path.parent)
+            if readonly:
+                engine = make_readonly_engine(path)
+                if needs_upgrade(engine):
+                    raise ReadOnlyHomeError(
+                        f"{path.parent} is read-only and its catalog's schema is not this mmsearch's; "
+                        "open it once where it can be written, or use the mmsearch that made it"
+                    )
+            else:
+                engine = make_engine(path)
+                upgrade(engine)
         except CatalogError:
             raise
         except (DBAPIError, OSError) as exc:
-            raise CatalogError(f"cannot open catalog {path}: {str(exc).splitlines()[0]}") from None
-        return cls(engine, path)
+            reason = str(getattr(exc, "orig", None) or exc).splitlines()[0]
+            if readonly and Path(f"{path}-wal").exists():
+                reason += f" (the home is read-only and {path.name}-wal holds writes not yet in the catalog: open it once where it can be written)"
+            else:
+                reason += _if_disk_full(path.parent)
+            raise CatalogError(f"cannot open catalog {path}: {reason}") from None
+        return cls(engine, path, readonly=readonly)
 
     def close(self) -> None:
         self._checkpointer.close()
@@ -368,6 +461,8 @@ class Catalog:
     def _writing(self) -> Iterator[Connection]:
         """One write transaction; a failure of SQLite (disk full, I/O error) rolls it back
         and becomes a one-line :class:`CatalogError` naming the catalog."""
+        if self.readonly:
+            raise read_only_error(self.path.parent)
         try:
             with self.engine.begin() as conn:
                 yield conn
