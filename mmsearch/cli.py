@@ -196,14 +196,28 @@ def search(
     rerank_k: int = typer.Option(50, "--rerank-k", metavar="K", help="How many candidates --rerank re-scores."),
 ) -> None:
     """Find images (or with --texts, texts) by a text query and/or an example image."""
-    from mmsearch.home import Home
-    from mmsearch.search import search as run_search
-
     if rerank and rerank_k < 1:
         raise typer.BadParameter(f"must be at least 1, got {rerank_k}", param_hint="--rerank-k")
-    with Home.open(settings_of(ctx), create=False) as home:
-        hits = run_search(
-            home, query, image=image, target="text" if texts else "image", k=top_k,
+    if top_k < 1:
+        raise UsageError(f"--top-k must be at least 1, got {top_k}")
+    if query is None and image is None:
+        raise UsageError("nothing to search for: give a QUERY, or --image FILE")
+    if rerank and not texts and image is not None:
+        raise UsageError("--rerank for images needs a text query (not --image)")
+    if rerank and texts and (image is None or query):
+        raise UsageError("--rerank for texts needs --image FILE alone (no text query)")
+    settings = settings_of(ctx)
+    if image is None and query is not None and (not rerank or rerank_k == DEFAULT_RERANK_K):
+        params = {"q": query, "k": top_k, "texts": int(texts), "rerank": int(rerank), "raw": 1}
+        answer = _from_server(settings, "/api/search", params, names_no_file=query)
+        if answer is not None:
+            _print_served_hits(answer["results"], as_json)
+            return
+    from mmsearch.library import Library
+
+    with Library.open(settings, create=False) as library:
+        hits = library.search(
+            query, image=image, target="text" if texts else "image", k=top_k,
             rerank_k=rerank_k if rerank else 0,
         )
     if as_json:
@@ -219,6 +233,59 @@ def search(
         typer.echo(f"{hit.rank:>3}  {hit.score:6.3f}  {label}{shown}")
 
 
+#: What ``--rerank`` re-scores unless ``--rerank-k`` says otherwise (the server's only choice).
+DEFAULT_RERANK_K = 50
+
+
+def _from_server(settings: Settings, path: str, params: dict[str, Any] | None = None, names_no_file: str = "") -> Any:
+    """The answer of a running ``mmsearch serve`` on this home, or ``None`` to work in-process.
+
+    Used only when the server would do exactly what this process would: same
+    model and int8 choice, and no query term that might name an image file
+    (the server never opens paths). Any failure falls back silently.
+    """
+    from mmsearch.client import get_json, read_record
+    from mmsearch.discover import IMAGE_EXTENSIONS
+
+    lowered = names_no_file.lower()
+    if any(ext in lowered for ext in IMAGE_EXTENSIONS):
+        return None
+    record = read_record(settings.home)
+    if record is None or record.int8 != settings.int8:
+        return None
+    if settings.model is not None:
+        from mmsearch import modelspec
+
+        try:
+            if modelspec.parse(settings.model).canonical != record.model:
+                return None
+        except MmsearchError:
+            return None
+    answer = get_json(record, path, params)
+    if answer is None or answer[0] != 200 or not isinstance(answer[1], dict):
+        return None
+    return answer[1]
+
+
+def _print_served_hits(rows: list[dict[str, Any]], as_json: bool) -> None:
+    """Print a server's results exactly as in-process hits are printed."""
+    for row in rows:
+        row.pop("thumb", None)
+    if as_json:
+        for row in rows:
+            row.pop("score_raw", None)
+            echo_json(row)
+        return
+    if not rows:
+        typer.echo("no results", err=True)
+        return
+    for row in rows:
+        is_image = "path" in row
+        shown = show_path(row["path"]) if is_image else (row.get("text") or "")
+        label = "" if is_image else f"[{row['id']}] "
+        typer.echo(f"{row['rank']:>3}  {row['score_raw']:6.3f}  {label}{shown}")
+
+
 @app.command()
 @handle_errors
 def status(
@@ -226,9 +293,11 @@ def status(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
     """What this home holds: model, counts, sizes."""
-    from mmsearch.home import status as home_status
+    info = _from_server(settings_of(ctx), "/api/status")
+    if info is None:
+        from mmsearch.home import status as home_status
 
-    info = home_status(settings_of(ctx))
+        info = home_status(settings_of(ctx))
     if as_json:
         echo_json(info)
         return
@@ -240,6 +309,38 @@ def status(
     typer.echo(f"images:  {info['images']}")
     typer.echo(f"texts:   {info['texts']}")
     typer.echo(f"on disk: {_size(int(info['disk_bytes']))}")
+
+
+@app.command()
+@handle_errors
+def serve(
+    ctx: typer.Context,
+    host: str = typer.Option(
+        "127.0.0.1", "--host", metavar="ADDR",
+        help="Address to listen on. Anything but a loopback address needs a token (one is made if --token is not given).",
+    ),
+    port: int = typer.Option(8765, "--port", metavar="PORT", help="Port to listen on (0: any free port)."),
+    token: Optional[str] = typer.Option(
+        None, "--token", metavar="TOKEN",
+        help="Require this token on every API call (Authorization: Bearer TOKEN, or the cookie the page link sets).",
+    ),
+    open_browser: bool = typer.Option(False, "--open", help="Open the web app in a browser once it is ready."),
+) -> None:
+    """Serve this home: an HTTP API and a web app with thumbnails; `search` and `status` use it while it runs."""
+    import secrets
+
+    from mmsearch.library import Library
+    from mmsearch.server import is_loopback, run
+
+    if token is not None and not token.strip():
+        raise UsageError("--token must not be empty")
+    if not 0 <= port <= 65535:
+        raise UsageError(f"--port must be between 0 and 65535, got {port}")
+    if token is None and not is_loopback(host):
+        token = secrets.token_urlsafe(24)
+        warn(f"{host} is not a loopback address: every API call needs the token {token}")
+    with Library.open(settings_of(ctx), create=False) as library:
+        run(library, host=host, port=port, token=token, say=typer.echo, open_browser=open_browser)
 
 
 @app.command()

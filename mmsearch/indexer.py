@@ -180,10 +180,13 @@ def index_paths(
     home: Home,
     roots: Sequence[str | Path],
     *,
-    progress: bool = True,
+    progress: bool | Callable[[int, int], None] = True,
     on_skip: SkipHandler | None = None,
 ) -> IndexReport:
-    """Index every image under ``roots`` into ``home``; see the module docstring."""
+    """Index every image under ``roots`` into ``home``; see the module docstring.
+
+    ``progress``: a bar on stderr (``True``), none, or ``progress(done, total)`` called per batch.
+    """
     started = time.perf_counter()
     report = IndexReport()
     root_paths = check_roots(roots)
@@ -280,7 +283,8 @@ _Encode = Callable[[list[Decoded]], tuple[np.ndarray | None, Any]]
 
 
 def _encode_files(
-    home: Home, todo: list[FileEntry], writer: _Writer, skip: Callable[["Skipped"], None], progress: bool
+    home: Home, todo: list[FileEntry], writer: _Writer, skip: Callable[["Skipped"], None],
+    progress: bool | Callable[[int, int], None],
 ) -> None:
     from tqdm import tqdm
 
@@ -322,7 +326,9 @@ def _encode_files(
                 writer.put(_Ready(result.entry, result.content_hash, result.width, result.height, next(stored)))
                 known.setdefault(result.content_hash, -1)  # its id comes when the writer writes it
 
-    bar = tqdm(total=len(todo), unit="img", disable=not progress, file=sys.stderr, dynamic_ncols=True)
+    bar = tqdm(total=len(todo), unit="img", disable=progress is not True, file=sys.stderr, dynamic_ncols=True)
+    on_progress = progress if callable(progress) else None
+    done, total = 0, len(todo)
     try:
         in_lanes = encoder.device == "cpu" and settings.workers > 0
         with threads_per_lane(settings.workers) if in_lanes else nullcontext(0) as lanes:
@@ -334,12 +340,16 @@ def _encode_files(
                 for step in steps:
                     finish(step)
                     bar.update(len(step[0]))
+                    done += len(step[0])
+                    if on_progress is not None:
+                        on_progress(done, total)
                 writer.flush()
                 # Files whose vector was to be reused from a row this run then
                 # changed: a second pass encodes them (and reuses nothing).
                 todo, writer.orphans = writer.orphans, []
                 reuse = _never
                 bar.total += len(todo)
+                total += len(todo)
     finally:
         bar.close()
 

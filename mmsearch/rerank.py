@@ -32,7 +32,7 @@ from mmsearch.errors import RerankerUnavailableError, UsageError
 if TYPE_CHECKING:
     from mmsearch.encode import Encoder
     from mmsearch.home import Home
-    from mmsearch.search import Hit
+    from mmsearch.search import Hit, ImageInput
 
 RERANKER_WEIGHTS = "reranker.safetensors"
 RERANKER_CONFIG = "reranker.json"
@@ -306,23 +306,18 @@ def token_sink(home: "Home", encoder: "Encoder") -> TokenStore | None:
 # -- search integration ----------------------------------------------------------
 
 
-def _image_of_file(encoder: "Encoder", path: Path) -> tuple[np.ndarray, np.ndarray]:
-    """(normalised embedding, patch tokens) of one image file: one decode, one tower pass."""
-    from mmsearch.decode import enable_heif, load_image
-    from mmsearch.errors import InputFileError
+def _image_of_file(encoder: "Encoder", image: "ImageInput") -> tuple[np.ndarray, np.ndarray]:
+    """(normalised embedding, patch tokens) of one image (path, bytes or picture): one decode, one tower pass."""
+    from mmsearch.search import open_query_image
 
-    if not path.is_file():
-        raise InputFileError(f"no such image: {path}")
-    enable_heif()
-    try:
-        img = load_image(str(path), encoder.image_size)
-    except Exception as exc:
-        raise InputFileError(f"{path} is not an image this tool can read ({type(exc).__name__})") from None
+    img = open_query_image(image, encoder.image_size)
     vectors, tokens = encoder.embed_images_with_tokens(encoder.preprocess(img).unsqueeze(0))
     return vectors[0], tokens[0]
 
 
-def rerank_query(home: "Home", query: str | None, image: Path | None, target: str) -> tuple[np.ndarray, Any]:
+def rerank_query(
+    home: "Home", query: str | None, image: "ImageInput | None", target: str, *, files: bool = True
+) -> tuple[np.ndarray, Any]:
     """(search vector, what the re-ranker needs of the query), from one encoder pass.
 
     Text→image: the text's projected token states; the end-of-text state is
@@ -334,17 +329,17 @@ def rerank_query(home: "Home", query: str | None, image: Path | None, target: st
     encoder = home.encoder()
     if target == "image":
         if image is not None or not query:
-            raise UsageError("--rerank for images needs a text query (not --image)")
-        terms = parse_query(query)
+            raise UsageError("re-ranking images needs a text query, not an example image")
+        terms = parse_query(query, files=files)
         if len(terms) != 1 or terms[0].image is not None or terms[0].weight != 1.0:
-            raise UsageError("--rerank needs a plain text query, not query arithmetic")
+            raise UsageError("re-ranking needs a plain text query, not query arithmetic")
         with torch.inference_mode():
             tokens = encoder.tokenize([terms[0].text]).to(encoder.device)
             states, mask = text_token_states(encoder.model, tokens)
             vector = nn.functional.normalize(states[0, int(mask[0].sum()) - 1].float(), dim=-1)
         return vector.cpu().numpy().astype(np.float32), TextStates(states, mask)
     if image is None or query:
-        raise UsageError("--rerank for texts needs --image FILE alone (no text query)")
+        raise UsageError("re-ranking texts needs an example image alone (no text query)")
     return _image_of_file(encoder, image)
 
 

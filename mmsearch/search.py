@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import os
 import re
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Union
 
 import numpy as np
 
@@ -21,6 +22,14 @@ from mmsearch.discover import is_image_name
 from mmsearch.errors import EmptyIndexError, InputFileError, UsageError
 from mmsearch.home import Home
 from mmsearch.store import Kind
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+    from mmsearch.index import VectorIndex
+
+#: An example image given to a search: a file path, the file's bytes, or a picture.
+ImageInput = Union[Path, str, bytes, "Image.Image"]
 
 _OPERATOR = re.compile(r"\s+([+-])\s+")
 _WEIGHT = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*:\s*(\S.*)$")
@@ -56,8 +65,12 @@ class Hit:
         return out
 
 
-def parse_query(query: str) -> list[Term]:
-    """Split ``"a + 2:b - c"`` into weighted terms; image paths become image terms."""
+def parse_query(query: str, *, files: bool = True) -> list[Term]:
+    """Split ``"a + 2:b - c"`` into weighted terms; image paths become image terms.
+
+    ``files=False`` never looks at the file system: every term is text (a
+    server must not open paths that its clients name).
+    """
     parts = _OPERATOR.split(" " + query.strip() + " ")
     terms: list[Term] = []
     sign = 1.0
@@ -73,36 +86,61 @@ def parse_query(query: str) -> list[Term]:
         if match:
             weight, text = float(match.group(1)), match.group(2).strip()
         candidate = Path(text).expanduser()
-        image = candidate if is_image_name(text) and candidate.is_file() else None
+        image = candidate if files and is_image_name(text) and candidate.is_file() else None
         terms.append(Term(sign * weight, text, image))
     if not terms:
-        raise UsageError("empty query: give some text, or --image FILE")
+        raise UsageError("empty query: give some text or an example image")
     return terms
 
 
-def embed_image_file(home: Home, path: Path) -> np.ndarray:
-    """The embedding of one image file given as a query."""
+def open_query_image(image: ImageInput, min_side: int) -> "Image.Image":
+    """An example image as an upright RGB picture, whatever form it was given in.
+
+    Paths and bytes are decoded as indexing decodes files (the same
+    decompression-bomb guard); anything unreadable is an :class:`InputFileError`.
+    """
+    from PIL import Image as PILImage
+
+    if isinstance(image, PILImage.Image):
+        from mmsearch.decode import to_rgb
+
+        return to_rgb(image)
     enable_heif()
-    encoder = home.encoder()
-    if not path.is_file():
-        raise InputFileError(f"no such image: {path}")
+    if isinstance(image, (bytes, bytearray, memoryview)):
+        source: str | bytes = bytes(image)
+        name = "the image"
+        if not source:
+            raise InputFileError("the image is empty")
+    else:
+        path = Path(image)
+        if not path.is_file():
+            raise InputFileError(f"no such image: {path}")
+        source, name = str(path), str(path)
     try:
-        img = load_image(str(path), encoder.image_size)
+        return load_image(source, min_side)
+    except PILImage.DecompressionBombError:
+        raise InputFileError(f"{name} is too large (decompression bomb guard)") from None
     except Exception as exc:
-        raise InputFileError(f"{path} is not an image this tool can read ({type(exc).__name__})") from None
+        raise InputFileError(f"{name} is not an image this tool can read ({type(exc).__name__})") from None
+
+
+def embed_image_file(home: Home, image: ImageInput) -> np.ndarray:
+    """The embedding of one example image (a path, bytes or a picture) given as a query."""
+    encoder = home.encoder()
+    img = open_query_image(image, encoder.image_size)
     return encoder.embed_images(encoder.preprocess(img).unsqueeze(0))[0]
 
 
-def query_vector(home: Home, query: str | None, image: Path | None) -> np.ndarray:
+def query_vector(home: Home, query: str | None, image: ImageInput | None, *, files: bool = True) -> np.ndarray:
     """The normalised vector of a query: text terms and/or an example image, summed."""
     if not query and image is None:
-        raise UsageError("nothing to search for: give a QUERY, or --image FILE")
+        raise UsageError("nothing to search for: give a query or an example image")
     encoder = home.encoder()
     total = np.zeros(encoder.dim, dtype=np.float32)
     if image is not None:
         total += embed_image_file(home, image)
     if query:
-        terms = parse_query(query)
+        terms = parse_query(query, files=files)
         texts = [t for t in terms if t.image is None]
         if texts:
             vectors = encoder.embed_texts([t.text for t in texts])
@@ -120,18 +158,25 @@ def search(
     home: Home,
     query: str | None = None,
     *,
-    image: Path | None = None,
+    image: ImageInput | None = None,
     target: Kind = "image",
     k: int = 10,
     rerank_k: int = 0,
+    files: bool = True,
+    index: "VectorIndex | None" = None,
+    model_guard: AbstractContextManager[Any] | None = None,
 ) -> list[Hit]:
     """The ``k`` best images (or texts) for a text query and/or an example image.
 
     With ``rerank_k``, the best ``rerank_k`` candidates are re-scored by the
     model's cross-attention re-ranker (see :mod:`mmsearch.rerank`).
+    ``files=False`` reads no query term as an image path. A long-lived caller
+    (:class:`mmsearch.library.Library`) passes the ``index`` it keeps, and a
+    ``model_guard`` (a reusable lock) held around each use of the model.
     """
     if k < 1:
-        raise UsageError(f"--top-k must be at least 1, got {k}")
+        raise UsageError(f"k must be at least 1, got {k}")
+    guard = model_guard if model_guard is not None else nullcontext()
     if home.catalog.count(target) == 0:
         what = "images" if target == "image" else "texts"
         hint = "mmsearch index FOLDER" if target == "image" else "mmsearch add-texts FILE"
@@ -139,15 +184,20 @@ def search(
     if rerank_k > 0:
         from mmsearch.rerank import rerank_hits, rerank_query
 
-        vector, prepared = rerank_query(home, query, image, target)  # one encoder pass for both
-        hits = nearest(home, vector, target, max(k, rerank_k))
-        return rerank_hits(home, prepared, target, hits, k, rerank_k)
-    return nearest(home, query_vector(home, query, image), target, k)
+        with guard:
+            vector, prepared = rerank_query(home, query, image, target, files=files)  # one encoder pass for both
+        hits = nearest(home, vector, target, max(k, rerank_k), index=index)
+        with guard:
+            return rerank_hits(home, prepared, target, hits, k, rerank_k)
+    with guard:
+        vector = query_vector(home, query, image, files=files)
+    return nearest(home, vector, target, k, index=index)
 
 
-def nearest(home: Home, vector: np.ndarray, target: Kind, k: int) -> list[Hit]:
+def nearest(home: Home, vector: np.ndarray, target: Kind, k: int, *, index: "VectorIndex | None" = None) -> list[Hit]:
     """The ``k`` nearest stored items to a query vector; vanished files are left out."""
-    index = home.index(target)
+    if index is None:
+        index = home.index(target)
     fetch = k
     while True:
         scores, ids = index.search(vector[None, :], fetch)

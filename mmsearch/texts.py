@@ -127,10 +127,13 @@ def add_texts(
     home: Home,
     path: Path,
     *,
-    progress: bool = True,
+    progress: bool | Callable[[int, int], None] = True,
     on_warning: Callable[[str], None] | None = None,
 ) -> TextReport:
-    """Add (or update) the texts of a corpus file; unchanged texts are not encoded again."""
+    """Add (or update) the texts of a corpus file; unchanged texts are not encoded again.
+
+    ``progress``: a bar on stderr (``True``), none, or ``progress(done, total)`` called per batch.
+    """
     from tqdm import tqdm
 
     started = time.perf_counter()
@@ -156,7 +159,7 @@ def add_texts(
             # shortest first: each batch runs at its own real token length
             order = sorted(todo, key=lambda it: len(it.text))
             batch = home.settings.batch_size * 4
-            bar = tqdm(total=len(order), unit="text", disable=not progress, file=sys.stderr, dynamic_ncols=True)
+            bar = tqdm(total=len(order), unit="text", disable=progress is not True, file=sys.stderr, dynamic_ncols=True)
             try:
                 for start in range(0, len(order), batch):
                     chunk = order[start:start + batch]
@@ -189,6 +192,8 @@ def add_texts(
                     report.added += len(new_ids)
                     report.updated += len(changed_ids)
                     bar.update(len(chunk))
+                    if callable(progress):
+                        progress(min(start + batch, len(order)), len(order))
             finally:
                 bar.close()
             home.save_index(index)
