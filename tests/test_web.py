@@ -151,10 +151,16 @@ def test_a_query_link_shows_loaded_thumbnails(page, server, web_home):
     page.goto(f"{server}/?q=a+red+square")
     # no token yet: the API says 401 and the page says what to do
     page.wait_for_selector("#token-form:not([hidden])")
-    assert "mmsearch serve" in page.inner_text("#error")
+    assert "access token" in page.inner_text("#error")
+    assert "mmsearch serve" in page.inner_text("#token-form")
+    assert page.locator("#grid .card").count() == 0
 
-    _login(page, server, "a+red+square")
+    # the token entered there goes to the server, which keeps it in a cookie
+    page.fill("#token", TOKEN)
+    with page.expect_navigation():
+        page.keyboard.press("Enter")
     assert page.url == f"{server}/?q=a+red+square"  # the token left the address bar
+    assert any(c["name"] == "mmsearch_token" for c in page.context.cookies())
     thumbs = _loaded_thumbs(page)
     assert len(thumbs) == 7
     assert all(t["width"] > 0 for t in thumbs), thumbs

@@ -47,7 +47,7 @@
     const response = await fetch(path, { ...options, credentials: "same-origin" });
     if (response.status === 401) {
       showTokenForm();
-      throw new AuthError("this server needs its access token: open the link that `mmsearch serve` printed, or enter the token below");
+      throw new AuthError("this server needs its access token");
     }
     if (!response.ok) throw new Error(await errorMessage(response));
     return response.json();
