@@ -18,7 +18,7 @@ does not depend on the weights), saved in local-dir layout.
     python bench/index_throughput.py --photos 400 --configs "default int8=1"   # the opt-in int8 image tower
 
 `mmsearch index` makes idle OpenMP threads sleep (OMP_WAIT_POLICY=PASSIVE,
-see mmsearch.encode.share_cores_with_decoding); an empty OMP_WAIT_POLICY
+see mmsearch.runtime.share_cores_with_decoding); an empty OMP_WAIT_POLICY
 keeps OpenMP's own default, which spins.
 """
 
@@ -50,7 +50,8 @@ def model_only(model_dir, batch: int, batches: int, rounds: int = 3) -> tuple[di
 
     import torch
 
-    from mmsearch.encode import load_encoder, threads_per_lane
+    from mmsearch.encode import load_encoder
+    from mmsearch.runtime import cpu_count, set_torch_threads, threads_for_lanes
 
     with Timer() as load:
         encoder = load_encoder(f"local-dir:{model_dir}", "cpu")
@@ -75,10 +76,13 @@ def model_only(model_dir, batch: int, batches: int, rounds: int = 3) -> tuple[di
     samples: dict[str, list[tuple[float, float]]] = {}
     for _ in range(rounds):  # alternating, so a noisy moment does not favour one way
         samples.setdefault(f"{threads} threads", []).append(one_model())
-        with threads_per_lane(os.cpu_count() or 1) as lanes, ThreadPoolExecutor(lanes) as pool:
+        lanes = cpu_count()
+        per_lane = threads_for_lanes(lanes)  # the lanes' threads take this count on first use
+        with ThreadPoolExecutor(lanes) as pool:
             list(pool.map(lambda _: encoder.embed_images(pixels), range(lanes)))  # warm up each lane
-            name = f"{lanes} lanes x {torch.get_num_threads()} thread(s)"
+            name = f"{lanes} lanes x {per_lane} thread(s)"
             samples.setdefault(name, []).append(in_lanes(pool, lanes))
+        set_torch_threads(threads)
     out = {name: (statistics.median(r for r, _ in runs), statistics.median(c for _, c in runs))
            for name, runs in samples.items()}
     return out, load.seconds

@@ -15,7 +15,8 @@ import numpy as np
 
 from _common import machine, percentiles, table, vit_b32_dir
 
-from mmsearch.encode import load_encoder, real_length
+from mmsearch.encode import load_encoder
+from mmsearch.towers import real_length
 
 QUERIES = {
     "short (2-4 words)": ["red car", "a dog on a beach", "sunset", "birthday cake with candles"],

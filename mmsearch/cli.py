@@ -122,6 +122,9 @@ def main_options(
     ),
 ) -> None:
     """Search your images and texts by meaning."""
+    from mmsearch.runtime import route_logging
+
+    route_logging()
     ctx.obj = resolve(home=home, model=model, device=device, batch_size=batch_size, workers=workers, int8=int8 or None)
 
 
@@ -135,14 +138,15 @@ def index(
     strict: bool = typer.Option(False, "--strict", help="Exit non-zero (3) if any file was skipped."),
 ) -> None:
     """Embed every image under PATH...; unchanged files are not read again."""
-    from mmsearch.encode import share_cores_with_decoding
     from mmsearch.home import Home
     from mmsearch.indexer import index_paths
+    from mmsearch.runtime import prepare_model_access, share_cores_with_decoding, threads_for_lanes
 
-    share_cores_with_decoding()
+    share_cores_with_decoding()  # before torch loads (an unchanged folder never loads it)
     with Home.open(settings_of(ctx)) as home:
+        home.before_model_load = prepare_model_access
         report = index_paths(
-            home, paths, progress=not quiet,
+            home, paths, progress=not quiet, on_lanes=threads_for_lanes,
             on_skip=lambda path, reason: warn(f"skipped {show_path(path)}: {reason}"),
         )
     if as_json:
@@ -168,7 +172,10 @@ def add_texts(
     from mmsearch.home import Home
     from mmsearch.texts import add_texts as add
 
+    from mmsearch.runtime import prepare_model_access
+
     with Home.open(settings_of(ctx)) as home:
+        home.before_model_load = prepare_model_access
         report = add(home, file, progress=not quiet, on_warning=warn)
     if as_json:
         echo_json(report.as_dict())
@@ -214,8 +221,19 @@ def search(
             _print_served_hits(answer["results"], as_json)
             return
     from mmsearch.library import Library
+    from mmsearch.runtime import prepare_model_access, set_torch_threads
+    from mmsearch.search import parse_query
 
-    with Library.open(settings, create=False) as library:
+    text_only = image is None and bool(query) and all(term.image is None for term in parse_query(query or ""))
+
+    def before_model_load(spec: Any) -> None:
+        if text_only:
+            # a short text runs on one CPU thread: ~150 tiny ops that would each wait for
+            # every thread of a team to be scheduled (bench/text_encode.py)
+            set_torch_threads(1)
+        prepare_model_access(spec)
+
+    with Library.open(settings, create=False, before_model_load=before_model_load) as library:
         hits = library.search(
             query, image=image, target="text" if texts else "image", k=top_k,
             rerank_k=rerank_k if rerank else 0,
@@ -339,7 +357,13 @@ def serve(
     if token is None and not is_loopback(host):
         token = secrets.token_urlsafe(24)
         warn(f"{host} is not a loopback address: every API call needs the token {token}")
-    with Library.open(settings_of(ctx), create=False) as library:
+    from mmsearch.runtime import prepare_model_access, set_torch_threads
+
+    # Each request runs the model on one thread: a short text query is ~150 tiny
+    # ops that would each wait for a whole thread team (bench/text_encode.py),
+    # and concurrent requests then use the cores side by side (bench/serve.py).
+    set_torch_threads(1)
+    with Library.open(settings_of(ctx), create=False, before_model_load=prepare_model_access) as library:
         run(library, host=host, port=port, token=token, say=typer.echo, open_browser=open_browser)
 
 
@@ -391,15 +415,17 @@ def train(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
 ) -> None:
     """Train a dual encoder and a re-ranker on image–caption pairs; resumes an interrupted run."""
-    import torch
-
     from mmsearch.encode import resolve_device
+    from mmsearch.modelspec import parse
+    from mmsearch.runtime import cpu_count, prepare_model_access, set_torch_threads
     from mmsearch.train import TrainOptions, train as run_train
 
     settings = settings_of(ctx)
     if settings.int8:
         raise UsageError("--int8 is for index, search and eval; training runs in float32")
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    set_torch_threads(cpu_count())
+    if base != "small":
+        prepare_model_access(parse(base))
     opts = TrainOptions(
         pairs=pairs, out=out, base=base, epochs=epochs, batch_size=batch, lr=lr, seed=seed,
         val_fraction=val_fraction, rerank_epochs=rerank_epochs, device=resolve_device(settings.device),
@@ -431,13 +457,15 @@ def evaluate(
     """Recall@1/5/10 of text→image and image→text retrieval on a pair file (temporary index)."""
     import dataclasses
 
-    from mmsearch.encode import share_cores_with_decoding
     from mmsearch.evaluate import evaluate as run_eval
+    from mmsearch.modelspec import parse
+    from mmsearch.runtime import prepare_model_access
 
-    share_cores_with_decoding()
     settings = settings_of(ctx)
     if model is not None:
         settings = dataclasses.replace(settings, model=model)
+    _threads_for_indexing(settings)
+    prepare_model_access(parse(settings.model or DEFAULT_MODEL))
     result = run_eval(
         pairs, settings, rerank=rerank, rerank_k=rerank_k, progress=not quiet,
         on_skip=lambda path, reason: warn(f"skipped {show_path(path)}: {reason}"),
@@ -449,6 +477,19 @@ def evaluate(
     for key, name in (("text_to_image", "text→image"), ("image_to_text", "image→text")):
         r = result[key]
         typer.echo(f"{name}  R@1 {r['R@1']:.3f}  R@5 {r['R@5']:.3f}  R@10 {r['R@10']:.3f}")
+
+
+def _threads_for_indexing(settings: Settings) -> None:
+    """Process set-up for a command that indexes: idle threads sleep, each CPU lane gets its cores."""
+    from mmsearch.runtime import share_cores_with_decoding, threads_for_lanes
+
+    share_cores_with_decoding()  # before torch loads
+    from mmsearch.encode import resolve_device
+    from mmsearch.indexer import cpu_lanes
+
+    lanes = cpu_lanes(settings.workers)
+    if lanes and resolve_device(settings.device) == "cpu":
+        threads_for_lanes(lanes)
 
 
 def _size(n: int) -> str:

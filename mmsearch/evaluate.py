@@ -90,7 +90,7 @@ def text_states_padded(model: Any, tokenizer: Any, texts: list[str], device: str
     """Token states (N, L, dim) float32 and masks (N, L) of many texts, padded to one length."""
     import torch
 
-    from mmsearch.rerank import text_token_states
+    from mmsearch.towers import text_token_states
 
     states, masks = [], []
     with torch.inference_mode():

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import fcntl
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -26,6 +26,9 @@ class Home:
         self.settings = settings
         self.catalog = catalog
         self._encoder: Encoder | None = None
+        #: Called with the spec just before the model loads: a front end's hook for its
+        #: once-per-process set-up (see mmsearch.runtime.prepare_model_access).
+        self.before_model_load: Callable[[modelspec.ModelSpec], None] | None = None
         self.spec = self._resolve_spec()
 
     @classmethod
@@ -69,6 +72,8 @@ class Home:
         if self._encoder is None:
             from mmsearch.encode import load_encoder
 
+            if self.before_model_load is not None:
+                self.before_model_load(self.spec)
             encoder = load_encoder(self.spec, self.settings.device, int8=self.settings.int8)
             dim = self.dim
             if dim is not None and dim != encoder.dim:

@@ -19,7 +19,6 @@ from __future__ import annotations
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,6 +31,17 @@ from mmsearch.home import Home
 from mmsearch.store import ImageState, under_any
 
 SkipHandler = Callable[[str, str], None]
+
+
+def cpu_lanes(workers: int) -> int:
+    """How many lanes index on the CPU for ``workers``: never more than the cores.
+
+    Each lane runs torch with the process's thread count; a front end gives
+    each its share of the cores first (:func:`mmsearch.runtime.threads_for_lanes`).
+    """
+    from mmsearch.runtime import cpu_count
+
+    return max(0, min(workers, cpu_count()))
 
 
 @dataclass
@@ -182,10 +192,14 @@ def index_paths(
     *,
     progress: bool | Callable[[int, int], None] = True,
     on_skip: SkipHandler | None = None,
+    on_lanes: Callable[[int], None] | None = None,
 ) -> IndexReport:
     """Index every image under ``roots`` into ``home``; see the module docstring.
 
     ``progress``: a bar on stderr (``True``), none, or ``progress(done, total)`` called per batch.
+    ``on_lanes(n)`` is called once, before ``n`` CPU lanes start encoding (not
+    when nothing needs encoding): the place for a front end to give each lane
+    its share of the cores (:func:`mmsearch.runtime.threads_for_lanes`).
     """
     started = time.perf_counter()
     report = IndexReport()
@@ -222,7 +236,7 @@ def index_paths(
         writer = _Writer(home, states, ids_by_hash, report, home.settings.batch_size)
         if todo:
             bad: list[Skipped] = []
-            _encode_files(home, todo, writer, lambda s: bad.append(s) or skip(s.path, s.reason), progress)
+            _encode_files(home, todo, writer, lambda s: bad.append(s) or skip(s.path, s.reason), progress, on_lanes)
             _remember_bad(home, todo, bad)
         if vanished:
             index = writer.get_index()
@@ -285,10 +299,10 @@ _Encode = Callable[[list[Decoded]], tuple[np.ndarray | None, Any]]
 def _encode_files(
     home: Home, todo: list[FileEntry], writer: _Writer, skip: Callable[["Skipped"], None],
     progress: bool | Callable[[int, int], None],
+    on_lanes: Callable[[int], None] | None = None,
 ) -> None:
     from tqdm import tqdm
 
-    from mmsearch.encode import threads_per_lane
     from mmsearch.preprocess import split_preprocess
     from mmsearch.rerank import token_sink
 
@@ -330,26 +344,27 @@ def _encode_files(
     on_progress = progress if callable(progress) else None
     done, total = 0, len(todo)
     try:
-        in_lanes = encoder.device == "cpu" and settings.workers > 0
-        with threads_per_lane(settings.workers) if in_lanes else nullcontext(0) as lanes:
-            while todo:
-                if lanes:
-                    steps = _in_lanes(todo, decode, encode, lanes, settings.batch_size)
-                else:
-                    steps = _streamed(todo, decode, encode, settings.workers, settings.batch_size)
-                for step in steps:
-                    finish(step)
-                    bar.update(len(step[0]))
-                    done += len(step[0])
-                    if on_progress is not None:
-                        on_progress(done, total)
-                writer.flush()
-                # Files whose vector was to be reused from a row this run then
-                # changed: a second pass encodes them (and reuses nothing).
-                todo, writer.orphans = writer.orphans, []
-                reuse = _never
-                bar.total += len(todo)
-                total += len(todo)
+        lanes = cpu_lanes(settings.workers) if encoder.device == "cpu" else 0
+        if lanes and on_lanes is not None:
+            on_lanes(lanes)
+        while todo:
+            if lanes:
+                steps = _in_lanes(todo, decode, encode, lanes, settings.batch_size)
+            else:
+                steps = _streamed(todo, decode, encode, settings.workers, settings.batch_size)
+            for step in steps:
+                finish(step)
+                bar.update(len(step[0]))
+                done += len(step[0])
+                if on_progress is not None:
+                    on_progress(done, total)
+            writer.flush()
+            # Files whose vector was to be reused from a row this run then
+            # changed: a second pass encodes them (and reuses nothing).
+            todo, writer.orphans = writer.orphans, []
+            reuse = _never
+            bar.total += len(todo)
+            total += len(todo)
     finally:
         bar.close()
 
@@ -362,7 +377,7 @@ def _in_lanes(todo: list[FileEntry], decode: _Decode, encode: _Encode, lanes: in
     """CPU: ``lanes`` threads each read, decode and encode a whole batch in turn; steps in walk order.
 
     A lane runs the model on its own share of the cores (see
-    :func:`mmsearch.encode.threads_per_lane`), so no decoder ever pre-empts a
+    :func:`cpu_lanes`), so no decoder ever pre-empts a
     thread that an op of the model is waiting for, and a core that finishes
     its decoding goes straight on to encoding.
     """

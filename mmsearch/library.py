@@ -5,9 +5,8 @@ encoder, the FAISS index of each kind and the re-ranker. Before each search
 it reads the catalog's generation (one small query) and reloads an index only
 when another process (or this one) has committed a change since, so a server
 started before an ``mmsearch index`` run sees its new images without a
-restart. Searches from many threads at once are safe: the model is used by
-one search at a time (its forward passes already use every core), while
-FAISS lookups and catalog reads run side by side; a writer may index at the
+restart. Searches from many threads at once are safe (no call changes the
+shared model, see :mod:`mmsearch.towers`), and a writer may index at the
 same time, in this process or another.
 
 Nothing here changes process-wide state (thread counts, logging, offline
@@ -57,7 +56,6 @@ class Library:
 
     def __init__(self, home: "Home"):
         self._home = home
-        self._model_lock = threading.RLock()  # one forward pass at a time on the shared model
         self._load_lock = threading.Lock()  # loading the encoder
         self._index_locks: dict[Kind, threading.Lock] = {"image": threading.Lock(), "text": threading.Lock()}
         self._indexes: dict[Kind, _Cached] = {}
@@ -71,12 +69,15 @@ class Library:
         device: str | None = None,
         int8: bool | None = None,
         create: bool = True,
+        before_model_load: Callable[[Any], None] | None = None,
     ) -> "Library":
         """Open the home at ``home`` (a folder, or resolved :class:`Settings`).
 
         ``model`` is a model spec; ``None`` means the one the home was built
         with. Nothing is loaded until it is needed (see :meth:`warm`).
         ``create=False`` fails on a home that holds no catalog yet.
+        ``before_model_load(spec)`` runs once, just before the model loads: the
+        place for a front end's process set-up (see :mod:`mmsearch.runtime`).
         """
         from mmsearch.home import Home
 
@@ -84,7 +85,9 @@ class Library:
             settings = home
         else:
             settings = resolve(home=Path(home) if home is not None else None, model=model, device=device, int8=int8)
-        return cls(Home.open(settings, create=create))
+        home_ = Home.open(settings, create=create)
+        home_.before_model_load = before_model_load
+        return cls(home_)
 
     def close(self) -> None:
         self._home.close()
@@ -141,8 +144,7 @@ class Library:
         if self.has_reranker():
             from mmsearch.rerank import Reranker
 
-            with self._model_lock:
-                Reranker.load(encoder)
+            Reranker.load(encoder)
 
     def index(self, kind: Kind) -> "VectorIndex":
         """The FAISS index of ``kind``, reloaded when the catalog has changed since it was read.
@@ -196,7 +198,7 @@ class Library:
         index = self.index(target) if self.count(target) else None
         return search(
             self._home, query, image=image, target=target, k=k, rerank_k=rerank_k, files=files,
-            index=index, model_guard=self._model_lock,
+            index=index,
         )
 
     def similar(self, image_id: int, k: int = 10) -> list["Hit"]:
@@ -235,12 +237,17 @@ class Library:
         *,
         progress: Progress | None = None,
         on_skip: Callable[[str, str], None] | None = None,
+        on_lanes: Callable[[int], None] | None = None,
     ) -> "IndexReport":
-        """Index every image under ``paths`` (folders or files); searches may run meanwhile."""
+        """Index every image under ``paths`` (folders or files); searches may run meanwhile.
+
+        ``on_lanes(n)``: called before ``n`` CPU lanes start encoding, for a front
+        end that shares the cores between them (:func:`mmsearch.runtime.threads_for_lanes`).
+        """
         from mmsearch.indexer import index_paths
 
         self.encoder()
-        return index_paths(self._home, paths, progress=progress or False, on_skip=on_skip)
+        return index_paths(self._home, paths, progress=progress or False, on_skip=on_skip, on_lanes=on_lanes)
 
     def add_texts(
         self,

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
@@ -28,6 +29,7 @@ import torch
 from torch import nn
 
 from mmsearch.errors import RerankerUnavailableError, UsageError
+from mmsearch.towers import image_token_states, text_token_states
 
 if TYPE_CHECKING:
     from mmsearch.encode import Encoder
@@ -38,43 +40,8 @@ RERANKER_WEIGHTS = "reranker.safetensors"
 RERANKER_CONFIG = "reranker.json"
 DEFAULT_RERANK_K = 50
 
-
-# -- token states of the frozen encoder ---------------------------------------
-
-
-def image_token_states(model: Any, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(pooled embedding before normalisation, patch tokens projected to the shared space)."""
-    visual = model.visual
-    if not hasattr(visual, "output_tokens") or getattr(visual, "attn_pool", None) is not None:
-        raise RerankerUnavailableError("re-ranking needs a plain ViT image tower (open_clip VisionTransformer)")
-    before = visual.output_tokens
-    visual.output_tokens = True
-    try:
-        pooled, tokens = visual(pixels)
-    finally:
-        visual.output_tokens = before
-    if visual.proj is not None:
-        tokens = tokens @ visual.proj
-    return pooled, tokens
-
-
-def text_token_states(model: Any, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token text states projected to the shared space, and the mask of real tokens.
-
-    The batch runs at its real length (up to the last end-of-text token).
-    """
-    from mmsearch.encode import _supports_truncation, _text_tower, text_states_after_ln
-
-    if not _supports_truncation(model):
-        raise RerankerUnavailableError("re-ranking needs a CLIP-style causal text tower")
-    x, tokens = text_states_after_ln(model, tokens)
-    projection = _text_tower(model).text_projection
-    if projection is not None:
-        x = projection(x) if isinstance(projection, nn.Linear) else x @ projection
-    length = tokens.shape[1]
-    positions = torch.arange(length, device=tokens.device)
-    mask = positions[None, :] <= tokens.argmax(dim=-1)[:, None]
-    return x, mask
+#: Held while a re-ranker is loaded, so threads that search at once load it once.
+_LOADING = threading.Lock()
 
 
 # -- the model -----------------------------------------------------------------
@@ -175,10 +142,11 @@ class Reranker:
                 f"model {encoder.spec} has no re-ranker ({RERANKER_WEIGHTS}); "
                 "train one with `mmsearch train PAIRS --out DIR` and use --model DIR"
             )
-        cached = getattr(encoder, "_reranker", None)
-        if cached is None:  # loaded once per encoder: a search process re-ranks many queries
-            cached = cls(encoder, load_scorer(folder, encoder.device))
-            object.__setattr__(encoder, "_reranker", cached)
+        with _LOADING:  # loaded once per encoder: a search process re-ranks many queries
+            cached = getattr(encoder, "_reranker", None)
+            if cached is None:
+                cached = cls(encoder, load_scorer(folder, encoder.device))
+                object.__setattr__(encoder, "_reranker", cached)
         return cached
 
     def text_states(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import re
-from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Union
@@ -164,19 +163,16 @@ def search(
     rerank_k: int = 0,
     files: bool = True,
     index: "VectorIndex | None" = None,
-    model_guard: AbstractContextManager[Any] | None = None,
 ) -> list[Hit]:
     """The ``k`` best images (or texts) for a text query and/or an example image.
 
     With ``rerank_k``, the best ``rerank_k`` candidates are re-scored by the
     model's cross-attention re-ranker (see :mod:`mmsearch.rerank`).
     ``files=False`` reads no query term as an image path. A long-lived caller
-    (:class:`mmsearch.library.Library`) passes the ``index`` it keeps, and a
-    ``model_guard`` (a reusable lock) held around each use of the model.
+    (:class:`mmsearch.library.Library`) passes the ``index`` it keeps.
     """
     if k < 1:
         raise UsageError(f"k must be at least 1, got {k}")
-    guard = model_guard if model_guard is not None else nullcontext()
     if home.catalog.count(target) == 0:
         what = "images" if target == "image" else "texts"
         hint = "mmsearch index FOLDER" if target == "image" else "mmsearch add-texts FILE"
@@ -184,14 +180,10 @@ def search(
     if rerank_k > 0:
         from mmsearch.rerank import rerank_hits, rerank_query
 
-        with guard:
-            vector, prepared = rerank_query(home, query, image, target, files=files)  # one encoder pass for both
+        vector, prepared = rerank_query(home, query, image, target, files=files)  # one encoder pass for both
         hits = nearest(home, vector, target, max(k, rerank_k), index=index)
-        with guard:
-            return rerank_hits(home, prepared, target, hits, k, rerank_k)
-    with guard:
-        vector = query_vector(home, query, image, files=files)
-    return nearest(home, vector, target, k, index=index)
+        return rerank_hits(home, prepared, target, hits, k, rerank_k)
+    return nearest(home, query_vector(home, query, image, files=files), target, k, index=index)
 
 
 def nearest(home: Home, vector: np.ndarray, target: Kind, k: int, *, index: "VectorIndex | None" = None) -> list[Hit]:

@@ -28,11 +28,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from mmsearch.encode import encode_text_tokens
 from mmsearch.errors import InputFileError, UsageError
 from mmsearch.evaluate import positive_ranks, recalls, scorer_corrections, text_states_padded
 from mmsearch.pairs import Pair, group, read_pairs
-from mmsearch.rerank import CrossAttentionScorer, image_token_states, save_scorer
+from mmsearch.rerank import CrossAttentionScorer, save_scorer
+from mmsearch.towers import encode_text_tokens, image_token_states
 
 SMALL = "mmsearch-small"
 CHECKPOINT = ".checkpoint"
@@ -87,13 +87,9 @@ def _base_model(base: str, device: str) -> tuple[Any, Any, dict[str, Any], dict[
 
     register_model_configs()
     if base == "small":
-        import logging
-
-        logging.disable(logging.WARNING)  # open_clip warns that no pretrained weights were loaded: intended
-        try:
-            model, _, preprocess = open_clip.create_model_and_transforms(SMALL, device=device)
-        finally:
-            logging.disable(logging.NOTSET)
+        # open_clip logs that no pretrained weights were loaded (intended here);
+        # the CLI's log handler drops open_clip's records (mmsearch.runtime)
+        model, _, preprocess = open_clip.create_model_and_transforms(SMALL, device=device)
         tokenizer = open_clip.get_tokenizer(SMALL)
         model_cfg = open_clip.get_model_config(SMALL)
     else:

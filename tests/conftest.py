@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -68,6 +69,35 @@ def isolated_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-cache"))
     monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "xdg-data"))
+
+
+@pytest.fixture(autouse=True)
+def torch_threads_restored() -> Iterator[None]:
+    """A CLI command run in-process sets torch's thread count, as a front end does; undo it after."""
+    import sys
+
+    torch = sys.modules.get("torch")
+    before = torch.get_num_threads() if torch is not None else None
+    yield
+    torch = sys.modules.get("torch")
+    if torch is not None and before is not None and torch.get_num_threads() != before:
+        torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def untrained_rerank_model(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny CLIP plus a freshly initialised (untrained) re-ranker."""
+    import shutil
+
+    import torch
+
+    from mmsearch.rerank import CrossAttentionScorer, save_scorer
+
+    folder = tmp_path_factory.mktemp("models") / "tiny-rerank"
+    shutil.copytree(tiny_model, folder)
+    torch.manual_seed(3)
+    save_scorer(CrossAttentionScorer(32), folder)
+    return folder
 
 
 def make_image(path: Path, colour: tuple[int, int, int] | str = "red", size: tuple[int, int] = (64, 48)) -> Path:

@@ -2,7 +2,8 @@ import numpy as np
 import pytest
 import torch
 
-from mmsearch.encode import load_encoder, real_length
+from mmsearch.encode import load_encoder
+from mmsearch.towers import real_length
 from mmsearch.errors import ModelSpecError, ModelUnavailableError
 
 
@@ -77,7 +78,7 @@ def test_an_unreachable_hub_is_put_offline_at_once(monkeypatch, listening):
 
     from huggingface_hub import constants
 
-    from mmsearch.encode import hub_offline_unless_reachable
+    from mmsearch.runtime import hub_offline_unless_reachable
 
     server = socket.socket()
     server.bind(("127.0.0.1", 0))

@@ -1,4 +1,4 @@
-"""A short text query runs single-threaded on the CPU, and the thread count is restored."""
+"""Thread counts and OpenMP policy are the front end's, set once; library calls leave them alone."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import torch
 from mmsearch.encode import load_encoder
 
 
-def test_small_text_batch_restores_threads_and_matches(tiny_model):
+def test_text_batches_leave_the_thread_count_alone_and_match(tiny_model):
     encoder = load_encoder(f"local-dir:{tiny_model}", "cpu")
     before = torch.get_num_threads()
     one = encoder.embed_texts(["red car"])
@@ -25,7 +25,7 @@ def _wait_policy_after(env_extra: dict[str, str]) -> str:
 
     code = (
         "import os, sys\n"
-        "from mmsearch.encode import share_cores_with_decoding\n"
+        "from mmsearch.runtime import share_cores_with_decoding\n"
         "assert 'torch' not in sys.modules\n"
         "share_cores_with_decoding()\n"
         "import torch\n"
@@ -42,17 +42,22 @@ def test_indexing_makes_idle_openmp_threads_sleep_unless_the_user_chose():
     assert _wait_policy_after({"OMP_WAIT_POLICY": ""}) == "''"
 
 
-def test_threads_per_lane_splits_the_cores_for_new_threads_and_restores():
-    import threading
+def test_threads_for_lanes_gives_each_new_thread_its_share_of_the_cores():
+    """In a fresh process, as a front end does it at start-up."""
+    import os
+    import subprocess
+    import sys
 
-    from mmsearch.encode import threads_per_lane
-
-    before = torch.get_num_threads()
-    seen: list[int] = []
-    with threads_per_lane(64) as lanes:
-        worker = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))
-        worker.start()
-        worker.join()
-    assert lanes == before  # never more lanes than threads
-    assert seen == [1]
-    assert torch.get_num_threads() == before
+    code = (
+        "import threading, torch\n"
+        "from mmsearch.runtime import cpu_count, threads_for_lanes\n"
+        "per_lane = threads_for_lanes(2)\n"
+        "seen = []\n"
+        "worker = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))\n"
+        "worker.start(); worker.join()\n"
+        "print(cpu_count(), per_lane, seen[0])\n"
+    )
+    cores, per_lane, seen = map(int, subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, env=dict(os.environ)
+    ).stdout.split())
+    assert per_lane == max(1, cores // 2) == seen

@@ -15,16 +15,6 @@ from mmsearch.cli import app
 from mmsearch.rerank import CrossAttentionScorer, TokenStore, save_scorer
 
 
-@pytest.fixture(scope="session")
-def untrained_rerank_model(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tiny CLIP plus a freshly initialised (untrained) re-ranker."""
-    folder = tmp_path_factory.mktemp("models") / "tiny-rerank"
-    shutil.copytree(tiny_model, folder)
-    torch.manual_seed(3)
-    save_scorer(CrossAttentionScorer(32), folder)
-    return folder
-
-
 def run(home: Path, model: Path, *args: str):
     result = CliRunner().invoke(app, ["--home", str(home), "--model", str(model), *args], catch_exceptions=False)
     return result
