@@ -213,9 +213,13 @@ def test_search_by_uploaded_image_then_more_like_this(page, server, web_home):
     assert Path(similar[0]["path"]).name == "yellow.png"
     assert [t["id"] for t in similar] != [t["id"] for t in by_example]
 
-    # Esc closes the large view
-    page.click("#grid .card >> nth=1")
+    # by keyboard: Enter on a result opens it, → steps to the next, Esc closes
+    page.focus("#grid .card >> nth=1")
+    page.keyboard.press("Enter")
     page.wait_for_selector("#viewer[open]")
+    assert page.inner_text("#viewer-path") == similar[1]["path"]
+    page.keyboard.press("ArrowRight")
+    page.wait_for_function("p => document.getElementById('viewer-path').textContent === p", arg=similar[2]["path"])
     page.keyboard.press("Escape")
     page.wait_for_selector("#viewer:not([open])", state="attached")
 

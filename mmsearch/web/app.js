@@ -319,7 +319,8 @@
     full.src = `/api/file/${id}`;
     el.viewerImg.alt = basename(result.path);
     el.viewerPath.textContent = String(result.path);
-    el.viewerMeta.textContent = `#${result.rank ?? index + 1} · score ${score(result.score)} · id ${result.id}`;
+    const dual = typeof result.dual_score === "number" ? ` (before re-ranking ${score(result.dual_score)})` : "";
+    el.viewerMeta.textContent = `#${result.rank ?? index + 1} · score ${score(result.score)}${dual} · id ${result.id}`;
     el.original.href = `/api/file/${id}`;
     el.prev.disabled = index === 0;
     el.next.disabled = index === state.results.length - 1;
@@ -397,6 +398,9 @@
       if (typeof info.texts === "number") parts.push(`${info.texts.toLocaleString()} texts`);
       if (info.model) parts.push(`model ${info.model}`);
       el.welcomeInfo.textContent = parts.join(" · ");
+      if (info.images === 0 && info.texts === 0) {
+        el.welcomeInfo.textContent = "Nothing is indexed here yet: run `mmsearch index FOLDER` (and `mmsearch add-texts FILE`), then search.";
+      }
       return true;
     } catch (err) {
       showError(err.message);
