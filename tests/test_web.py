@@ -37,10 +37,20 @@ def _chromium() -> str | None:
     return next((path for name in BROWSERS if (path := shutil.which(name))), None)
 
 
-def _need(reason: str) -> None:
-    if os.environ.get("MMSEARCH_REQUIRE_BROWSER") == "1":
-        pytest.fail(f"{reason}, and MMSEARCH_REQUIRE_BROWSER=1")
-    pytest.skip(reason)
+def _missing() -> str | None:
+    """Why the browser tests cannot run here, or None."""
+    if _chromium() is None:
+        return "no Chromium found (install Debian's `chromium` package, or set MMSEARCH_CHROMIUM)"
+    try:
+        import playwright.sync_api  # noqa: F401
+    except ImportError:
+        return "playwright is not installed (pip install -e '.[test]')"
+    return None
+
+
+# decided before any fixture runs, so that a skip costs nothing (no model, no server)
+if (_MISSING := _missing()) is not None and os.environ.get("MMSEARCH_REQUIRE_BROWSER") != "1":
+    pytest.skip(_MISSING, allow_module_level=True)
 
 
 @pytest.fixture(scope="module")
@@ -94,15 +104,12 @@ def server(web_home: dict[str, Path]) -> Iterator[str]:
 
 @pytest.fixture(scope="module")
 def browser() -> Iterator[object]:
-    executable = _chromium()
-    if executable is None:
-        _need("no Chromium found (install Debian's `chromium` package, or set MMSEARCH_CHROMIUM)")
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        _need("playwright is not installed (pip install -e '.[test]')")
+    if _MISSING is not None:
+        pytest.fail(f"{_MISSING}, and MMSEARCH_REQUIRE_BROWSER=1")
+    from playwright.sync_api import sync_playwright
+
     with sync_playwright() as pw:
-        chromium = pw.chromium.launch(executable_path=executable, args=["--no-sandbox"])
+        chromium = pw.chromium.launch(executable_path=_chromium(), args=["--no-sandbox"])
         try:
             yield chromium
         finally:
