@@ -65,6 +65,22 @@ def with_reranker(model: Path, folder: Path) -> Path:
     return folder
 
 
+def encode_alone(model: Path, runs: int) -> tuple[float, float]:
+    """p50/p95 (ms) of encoding one text query in this process on one thread: the floor of a text query."""
+    from mmsearch.encode import load_encoder
+    from mmsearch.runtime import set_torch_threads
+
+    set_torch_threads(1)
+    encoder = load_encoder(str(model))
+    encoder.embed_texts([TEXTS[0]])
+    times = []
+    for i in range(runs):
+        started = time.perf_counter()
+        encoder.embed_texts([TEXTS[i % len(TEXTS)]])
+        times.append(time.perf_counter() - started)
+    return percentiles(times)
+
+
 def file_tokens(model: Path, files: list[Path]) -> tuple[list[str], np.ndarray]:
     """Content hashes of ``files`` and their re-ranker patch tokens (what indexing would store)."""
     import torch
@@ -244,6 +260,9 @@ def main() -> None:
                                      f"{len(lat) / wall:.1f}"])
                         print(" | ".join(map(str, rows[-1])), flush=True)
                 warm = cli_wall(home, args.cli_runs)
+                p50, p95 = encode_alone(model, args.requests)  # the server idle, as it was for 1 client
+                rows.append([size, "-", "text encode alone, in-process", 1, args.requests, f"{p50:.1f}", f"{p95:.1f}", "-"])
+                print(" | ".join(map(str, rows[-1])), flush=True)
             finally:
                 stop_server(proc)
             cold = cli_wall(home, args.cold_runs)
