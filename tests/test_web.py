@@ -249,7 +249,7 @@ def test_texts_switch_errors_and_empty_state(page, server, web_home):
     message = page.inner_text("#error")
     assert message and "\n" not in message and "Traceback" not in message
     page.click(".switch >> text=Images")
-    _wait_status(page, "a green field")
+    _wait_status(page, "7 images for “a green field”")
     assert page.is_hidden("#error")
     assert len(_loaded_thumbs(page)) == 7
 
