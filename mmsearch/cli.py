@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -41,7 +42,7 @@ def handle_errors(fn: F) -> F:
         try:
             return fn(*args, **kwargs)
         except MmsearchError as exc:
-            typer.echo(f"error: {exc}", err=True)
+            typer.echo(f"error: {one_line(str(exc))}", err=True)
             raise typer.Exit(exc.exit_code) from None
         except KeyboardInterrupt:
             typer.echo("interrupted; what was finished is kept", err=True)
@@ -50,9 +51,29 @@ def handle_errors(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+#: Control characters (C0, DEL, C1) and Unicode line/paragraph separators: each would
+#: break a line or drive the terminal (ESC) if printed as is.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+_NAMED = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def _escape(match: re.Match[str]) -> str:
+    char = match.group()
+    code = ord(char)
+    return _NAMED.get(char) or (f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}")
+
+
+def one_line(text: str) -> str:
+    """``text`` with control characters escaped (``\\n``, ``\\t``, ``\\x1b``), so it prints as one line.
+
+    For plain output only; ``--json`` output keeps every character exact.
+    """
+    return _CONTROL.sub(_escape, text)
+
+
 def show_path(path: str) -> str:
-    """A path printable on any terminal (undecodable bytes shown as escapes)."""
-    return os.fsencode(path).decode("utf-8", "backslashreplace")
+    """A path printable on any terminal as one line (undecodable bytes and control characters as escapes)."""
+    return one_line(os.fsencode(path).decode("utf-8", "backslashreplace"))
 
 
 def warn(message: str) -> None:
@@ -122,9 +143,10 @@ def main_options(
     ),
 ) -> None:
     """Search your images and texts by meaning."""
-    from mmsearch.runtime import route_logging
+    from mmsearch.runtime import quiet_library_warnings, route_logging
 
     route_logging()
+    quiet_library_warnings()
     ctx.obj = resolve(home=home, model=model, device=device, batch_size=batch_size, workers=workers, int8=int8 or None)
 
 
@@ -136,25 +158,37 @@ def index(
     as_json: bool = typer.Option(False, "--json", help="Print the counts as one JSON object on the last line."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
     strict: bool = typer.Option(False, "--strict", help="Exit non-zero (3) if any file was skipped."),
+    max_file_size: Optional[str] = typer.Option(
+        None, "--max-file-size", metavar="SIZE",
+        help="Skip image files larger than this (200MB, 1G, 1.5GiB...). Env: MMSEARCH_MAX_FILE_SIZE. Default: 200MB.",
+    ),
 ) -> None:
     """Embed every image under PATH...; unchanged files are not read again."""
-    from mmsearch.home import Home
-    from mmsearch.indexer import index_paths
-    from mmsearch.runtime import prepare_model_access, share_cores_with_decoding, threads_for_lanes
+    import dataclasses
 
+    from mmsearch.home import Home
+    from mmsearch.indexer import index_paths, unsupported_notes
+    from mmsearch.runtime import prepare_model_access, share_cores_with_decoding, threads_for_lanes
+    from mmsearch.settings import parse_size
+
+    settings = settings_of(ctx)
+    if max_file_size is not None:
+        settings = dataclasses.replace(settings, max_file_size=parse_size(max_file_size, "--max-file-size"))
     share_cores_with_decoding()  # before torch loads (an unchanged folder never loads it)
-    with Home.open(settings_of(ctx)) as home:
+    with Home.open(settings) as home:
         home.before_model_load = prepare_model_access
         report = index_paths(
             home, paths, progress=not quiet, on_lanes=threads_for_lanes,
-            on_skip=lambda path, reason: warn(f"skipped {show_path(path)}: {reason}"),
+            on_skip=lambda path, reason: warn(f"skipped {show_path(path)}: {one_line(reason)}"),
         )
+    for note in unsupported_notes(report):
+        warn(note)
     if as_json:
         echo_json(report.as_dict())
     else:
         typer.echo(
             f"added {report.added}, updated {report.updated}, unchanged {report.unchanged}, "
-            f"removed {report.removed}, skipped {report.skipped} ({report.seconds:.1f} s)"
+            f"removed {report.removed}, skipped {report.skipped}, ignored {report.ignored} ({report.seconds:.1f} s)"
         )
     if strict and report.skipped:
         raise typer.Exit(3)
@@ -218,6 +252,8 @@ def search(
         params = {"q": query, "k": top_k, "texts": int(texts), "rerank": int(rerank), "raw": 1}
         answer = _from_server(settings, "/api/search", params, names_no_file=query)
         if answer is not None:
+            for message in answer.get("warnings", ()):
+                warn(one_line(message))
             _print_served_hits(answer["results"], as_json)
             return
     from mmsearch.library import Library
@@ -236,7 +272,7 @@ def search(
     with Library.open(settings, create=False, before_model_load=before_model_load) as library:
         hits = library.search(
             query, image=image, target="text" if texts else "image", k=top_k,
-            rerank_k=rerank_k if rerank else 0,
+            rerank_k=rerank_k if rerank else 0, on_warning=lambda message: warn(one_line(message)),
         )
     if as_json:
         for hit in hits:
@@ -246,7 +282,7 @@ def search(
         typer.echo("no results", err=True)
         return
     for hit in hits:
-        shown = show_path(hit.path) if hit.path is not None else (hit.text or "")
+        shown = show_path(hit.path) if hit.path is not None else one_line(hit.text or "")
         label = "" if hit.kind == "image" else f"[{hit.id}] "
         typer.echo(f"{hit.rank:>3}  {hit.score:6.3f}  {label}{shown}")
 
@@ -299,7 +335,7 @@ def _print_served_hits(rows: list[dict[str, Any]], as_json: bool) -> None:
         return
     for row in rows:
         is_image = "path" in row
-        shown = show_path(row["path"]) if is_image else (row.get("text") or "")
+        shown = show_path(row["path"]) if is_image else one_line(row.get("text") or "")
         label = "" if is_image else f"[{row['id']}] "
         typer.echo(f"{row['rank']:>3}  {row['score_raw']:6.3f}  {label}{shown}")
 
@@ -468,7 +504,7 @@ def evaluate(
     prepare_model_access(parse(settings.model or DEFAULT_MODEL))
     result = run_eval(
         pairs, settings, rerank=rerank, rerank_k=rerank_k, progress=not quiet,
-        on_skip=lambda path, reason: warn(f"skipped {show_path(path)}: {reason}"),
+        on_skip=lambda path, reason: warn(f"skipped {show_path(path)}: {one_line(reason)}"),
     )
     if as_json:
         echo_json(result)

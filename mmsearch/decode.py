@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
-import warnings
+import struct
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -21,6 +21,7 @@ from typing import Any, BinaryIO
 from PIL import Image, ImageOps
 
 from mmsearch.discover import FileEntry
+from mmsearch.files import DEFAULT_MAX_FILE_SIZE, FileRefused, read_regular
 
 _heif_checked = False
 
@@ -62,24 +63,79 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def load_image(source: str | bytes | BinaryIO, min_side: int | None = None) -> Image.Image:
+#: PNG chunks that only carry metadata Pillow caps (text, colour profile): dropped
+#: when a file is refused for them, so a picture is not lost to its metadata.
+_PNG_METADATA_CHUNKS = frozenset({b"tEXt", b"zTXt", b"iTXt", b"iCCP"})
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def strip_png_metadata(data: bytes) -> bytes | None:
+    """``data`` (a PNG) without its text and ICC chunks; ``None`` if it has none or is no PNG.
+
+    Pillow refuses a PNG whose text chunks decompress past
+    ``PngImagePlugin.MAX_TEXT_CHUNK`` (or sum past ``MAX_TEXT_MEMORY``), pixels
+    and all. Those limits are module state shared by the whole process, so
+    rather than raising them, the chunks are removed from this one file's bytes.
+    Each PNG chunk carries its own CRC, so the rest stays valid.
+    """
+    if not data.startswith(_PNG_SIGNATURE):
+        return None
+    kept = [_PNG_SIGNATURE]
+    pos, dropped = len(_PNG_SIGNATURE), False
+    while pos + 8 <= len(data):
+        length, tag = struct.unpack_from(">I4s", data, pos)
+        end = pos + 12 + length
+        if tag in _PNG_METADATA_CHUNKS:
+            dropped = True
+        else:
+            kept.append(data[pos:end])
+        pos = end
+        if tag == b"IEND":
+            break
+    kept.append(data[pos:])  # a truncated tail stays as it was, for the decoder to judge
+    return b"".join(kept) if dropped else None
+
+
+def _is_png_metadata_limit(exc: Exception) -> bool:
+    return isinstance(exc, ValueError) and ("MAX_TEXT_CHUNK" in str(exc) or "MAX_TEXT_MEMORY" in str(exc))
+
+
+def load_image(
+    source: str | bytes | BinaryIO, min_side: int | None = None, *, max_bytes: int = DEFAULT_MAX_FILE_SIZE
+) -> Image.Image:
     """Open, orient (EXIF) and convert an image to RGB.
 
     With ``min_side``, a JPEG is decoded at the smallest power-of-two scale
     that keeps both sides at least that long (``Image.draft``), many times
-    faster than a full decode for a model that sees 224 pixels.
+    faster than a full decode for a model that sees 224 pixels. A path is read
+    through :func:`mmsearch.files.read_regular` (at most ``max_bytes``; a FIFO
+    or device raises :class:`~mmsearch.files.FileRefused`, never blocks). A
+    PNG refused for oversized text chunks is decoded without them.
     """
-    if isinstance(source, bytes):
-        source = io.BytesIO(source)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # EXIF and palette warnings; errors still raise
-        img = Image.open(source)
-        if min_side and img.format == "JPEG":
-            img.draft("RGB", (min_side, min_side))
-        img.seek(0)  # the first frame of an animation
-        img.load()
-        img = ImageOps.exif_transpose(img) or img
-        return to_rgb(img)
+    if isinstance(source, (str, os.PathLike)):
+        source = read_regular(os.fspath(source), max_bytes)[0]
+    if not isinstance(source, bytes):
+        return _load(source, min_side)
+    try:
+        return _load(io.BytesIO(source), min_side)
+    except ValueError as exc:
+        stripped = strip_png_metadata(source) if _is_png_metadata_limit(exc) else None
+        if stripped is None:
+            raise
+    return _load(io.BytesIO(stripped), min_side)
+
+
+def _load(source: BinaryIO, min_side: int | None) -> Image.Image:
+    # Pillow warns about odd EXIF data and palette transparency; errors still raise.
+    # Front ends silence those warnings once (mmsearch.runtime.quiet_library_warnings):
+    # catch_warnings here would swap the process's filters from every decode thread.
+    img = Image.open(source)
+    if min_side and img.format == "JPEG":
+        img.draft("RGB", (min_side, min_side))
+    img.seek(0)  # the first frame of an animation
+    img.load()
+    img = ImageOps.exif_transpose(img) or img
+    return to_rgb(img)
 
 
 @dataclass(slots=True)
@@ -106,14 +162,13 @@ def decode_file(
     preprocess: Callable[[Image.Image], Any],
     min_side: int,
     reusable: Callable[[str], bool] = lambda _h: False,
+    max_bytes: int = DEFAULT_MAX_FILE_SIZE,
 ) -> Decoded | Skipped:
-    """Read, hash and decode one file; never raises for a bad file."""
+    """Read (at most ``max_bytes``), hash and decode one file; never raises for a bad file."""
     try:
-        with open(entry.path, "rb") as fh:
-            st = os.fstat(fh.fileno())
-            data = fh.read()
-    except OSError as exc:
-        return Skipped(entry.path, exc.strerror or str(exc), transient=True)
+        data, st = read_regular(entry.path, max_bytes)
+    except FileRefused as exc:
+        return Skipped(entry.path, exc.reason, transient=exc.transient)
     if not data:
         return Skipped(entry.path, "empty file")
     # size and mtime as read, in case the file changed since discovery
@@ -123,15 +178,25 @@ def decode_file(
         return Decoded(entry, digest)
     try:
         img = load_image(data, min_side)
-        pixels = preprocess(img)
-    except Image.DecompressionBombError:
-        return Skipped(entry.path, "image too large (decompression bomb guard)")
-    except Image.UnidentifiedImageError:
-        return Skipped(entry.path, "not an image format this tool can read")
     except Exception as exc:  # Pillow raises many types for bad data
+        return Skipped(entry.path, decode_failure(exc))
+    try:
+        pixels = preprocess(img)
+    except Exception as exc:  # a picture the model's preprocessing cannot take: say what it said
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        return Skipped(entry.path, f"cannot decode: {reason[:160]}")
+        return Skipped(entry.path, f"cannot prepare it for the model: {reason[:160]}")
     return Decoded(entry, digest, img.width, img.height, pixels)
+
+
+def decode_failure(exc: BaseException) -> str:
+    """Why Pillow could not decode a file, in a user's words rather than Pillow's."""
+    if isinstance(exc, Image.DecompressionBombError):
+        return "too many pixels to decode safely (a decompression bomb?)"
+    if isinstance(exc, Image.UnidentifiedImageError):
+        return "not an image (or a format this tool cannot read)"
+    if isinstance(exc, MemoryError):
+        return "too large to decode in the memory available"
+    return "truncated or corrupt image"
 
 
 def decode_many(

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import os
+import stat
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from mmsearch.errors import UsageError
+from mmsearch.files import describe_os_error, not_a_file
 
 IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".webp", ".gif", ".bmp", ".dib", ".tif", ".tiff", ".heic", ".heif"}
@@ -44,11 +46,21 @@ def check_roots(roots: Iterable[str | Path]) -> list[str]:
     return out
 
 
-def walk(roots: Iterable[str], on_error: Callable[[str, str], None] | None = None) -> Iterator[FileEntry]:
+def walk(
+    roots: Iterable[str],
+    on_error: Callable[[str, str], None] | None = None,
+    *,
+    on_skip: Callable[[str, str], None] | None = None,
+    on_ignored: Callable[[str], None] | None = None,
+) -> Iterator[FileEntry]:
     """Yield every image file under ``roots`` (recursively), each once.
 
     Hidden files and folders and :data:`JUNK_DIRS` are skipped; symlinked
-    folders are followed once (loops are cut by device/inode).
+    folders are followed once (loops are cut by device/inode). Only regular
+    files are yielded (a symlink to one is fine): a FIFO, socket or device
+    with an image's name goes to ``on_skip`` with the reason, never opened.
+    ``on_error`` gets what could not be listed or looked at; ``on_ignored``
+    every visible file whose name is not an image's (``.svg``, ``.txt``...).
     """
     seen_dirs: set[tuple[int, int]] = set()
     seen_files: set[str] = set()
@@ -57,16 +69,24 @@ def walk(roots: Iterable[str], on_error: Callable[[str, str], None] | None = Non
         if on_error is not None:
             on_error(path, reason)
 
+    def refuse(path: str, reason: str) -> None:
+        if on_skip is not None:
+            on_skip(path, reason)
+
     for root in roots:
-        if os.path.isfile(root):
+        try:
+            st = os.stat(root)
+        except OSError as exc:
+            report(root, describe_os_error(exc))
+            continue
+        if not stat.S_ISDIR(st.st_mode):
             if root not in seen_files:
                 seen_files.add(root)
-                try:
-                    st = os.stat(root)
-                except OSError as exc:
-                    report(root, exc.strerror or str(exc))
-                    continue
-                yield FileEntry(root, st.st_size, st.st_mtime_ns)
+                kind = not_a_file(st.st_mode)
+                if kind is not None:
+                    refuse(root, kind)
+                else:
+                    yield FileEntry(root, st.st_size, st.st_mtime_ns)
             continue
         stack = [root]
         while stack:
@@ -80,7 +100,7 @@ def walk(roots: Iterable[str], on_error: Callable[[str, str], None] | None = Non
                 with os.scandir(folder) as it:
                     entries = sorted(it, key=lambda e: e.name)
             except OSError as exc:
-                report(folder, exc.strerror or str(exc))
+                report(folder, describe_os_error(exc))
                 continue
             subdirs = []
             for entry in entries:
@@ -92,12 +112,20 @@ def walk(roots: Iterable[str], on_error: Callable[[str, str], None] | None = Non
                         if name not in JUNK_DIRS:
                             subdirs.append(entry.path)
                         continue
-                    if not is_image_name(name) or entry.path in seen_files:
+                    if not is_image_name(name):
+                        if on_ignored is not None:
+                            on_ignored(entry.path)
                         continue
-                    st = entry.stat()
+                    if entry.path in seen_files:
+                        continue
+                    st = entry.stat()  # follows a symlink; a stat never blocks, an open might
                 except OSError as exc:
-                    report(entry.path, exc.strerror or str(exc))
+                    report(entry.path, describe_os_error(exc))
                     continue
                 seen_files.add(entry.path)
+                kind = not_a_file(st.st_mode)
+                if kind is not None:
+                    refuse(entry.path, kind)
+                    continue
                 yield FileEntry(entry.path, st.st_size, st.st_mtime_ns)
             stack.extend(reversed(subdirs))

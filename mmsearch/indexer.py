@@ -16,6 +16,7 @@ thread. Either way results are written in walk order.
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -53,13 +54,38 @@ class IndexReport:
     skipped: int = 0
     reused: int = 0
     seconds: float = 0.0
+    #: files left alone for their name: not an image extension (``.svg``, ``.txt``...)
+    ignored: int = 0
     skipped_files: list[tuple[str, str]] = field(default_factory=list)
+    #: the ignored files counted by extension (lower case, ``""`` for none)
+    ignored_extensions: dict[str, int] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         out = asdict(self)
         out.pop("skipped_files")
         out["seconds"] = round(self.seconds, 3)
         return out
+
+    def ignore(self, path: str) -> None:
+        self.ignored += 1
+        ext = os.path.splitext(path)[1].lower()
+        self.ignored_extensions[ext] = self.ignored_extensions.get(ext, 0) + 1
+
+
+#: Extensions of pictures this tool cannot read, with what to tell the user about them.
+UNSUPPORTED = {
+    ".svg": "SVG (vector) images are not supported; export them as PNG to index them",
+    ".svgz": "compressed SVG (vector) images are not supported; export them as PNG to index them",
+}
+
+
+def unsupported_notes(report: IndexReport) -> list[str]:
+    """One line per kind of picture that was ignored because it cannot be read (``.svg``)."""
+    return [
+        f"ignored {report.ignored_extensions[ext]} {ext} file(s): {why}"
+        for ext, why in UNSUPPORTED.items()
+        if report.ignored_extensions.get(ext)
+    ]
 
 
 @dataclass(slots=True)
@@ -221,7 +247,7 @@ def index_paths(
     with home.write_lock():
         if home.recorded_model is None:
             home.encoder()  # a new home: check the model now, not after the walk
-        entries = list(walk(root_paths, on_error=walk_error))
+        entries = list(walk(root_paths, on_error=walk_error, on_skip=skip, on_ignored=report.ignore))
         everything = home.catalog.image_states()  # one scan: the files under the roots, and every hash
         inside = under_any(root_paths)
         states = {p: s for p, s in everything.items() if inside(p)}
@@ -315,7 +341,7 @@ def _encode_files(
     split = split_preprocess(encoder.preprocess)
 
     def decode(entry: FileEntry) -> Decoded | Skipped:
-        return decode_file(entry, split.per_image, encoder.image_size, reuse)
+        return decode_file(entry, split.per_image, encoder.image_size, reuse, settings.max_file_size)
 
     def encode(decoded: list[Decoded]) -> tuple[np.ndarray | None, Any]:
         if not decoded:

@@ -182,6 +182,7 @@ class Library:
         k: int = 10,
         rerank_k: int = 0,
         files: bool = True,
+        on_warning: Callable[[str], None] | None = None,
     ) -> list["Hit"]:
         """The ``k`` best images (``target="image"``) or texts for a text query and/or an example image.
 
@@ -189,6 +190,7 @@ class Library:
         that names an image file stands for that image unless ``files=False``
         (what a server passes: it never opens a path a client names).
         ``rerank_k`` > 0 re-scores that many candidates with the re-ranker.
+        ``on_warning`` hears of query text cut to the model's context.
         """
         from mmsearch.search import search
 
@@ -198,7 +200,7 @@ class Library:
         index = self.index(target) if self.count(target) else None
         return search(
             self._home, query, image=image, target=target, k=k, rerank_k=rerank_k, files=files,
-            index=index,
+            index=index, on_warning=on_warning,
         )
 
     def similar(self, image_id: int, k: int = 10) -> list["Hit"]:

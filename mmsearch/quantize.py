@@ -78,9 +78,7 @@ def quantize_image_tower(model: Any, device: str) -> None:
     quantize = getattr(getattr(torch, "ao", None), "quantization", None)
     if quantize is None or not hasattr(quantize, "quantize_dynamic"):
         raise UsageError(f"--int8 needs torch's dynamic quantisation, which torch {torch.__version__} no longer has")
-    import warnings
-
     linear_attention(model.visual)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # torch.ao.quantization announces its deprecation on every call
-        model.visual = quantize.quantize_dynamic(model.visual, {nn.Linear}, dtype=torch.qint8)
+    # torch.ao.quantization announces its deprecation on every call; front ends
+    # silence that once (mmsearch.runtime.quiet_library_warnings)
+    model.visual = quantize.quantize_dynamic(model.visual, {nn.Linear}, dtype=torch.qint8)

@@ -77,6 +77,22 @@ def route_logging(level: int = logging.WARNING) -> None:
     root.addHandler(handler)
 
 
+def quiet_library_warnings() -> None:
+    """Silence the warnings Pillow and torch's quantisation give on files and calls mmsearch handles.
+
+    Pillow warns about odd EXIF data and palette transparency while decoding
+    (mmsearch orients and converts every image itself; errors still raise),
+    and ``torch.ao.quantization`` announces its deprecation on every call.
+    ``warnings.catch_warnings`` around each call would swap the process's
+    filter list from many decode threads at once, and can leave it changed
+    for good, so the filters are added here, once.
+    """
+    import warnings
+
+    warnings.filterwarnings("ignore", module=r"PIL(\.|$)")
+    warnings.filterwarnings("ignore", module=r"torch\.ao(\.|$)")
+
+
 def hub_offline_unless_reachable(timeout: float = 3.0) -> bool:
     """Put huggingface_hub in offline mode (cache only) when its endpoint cannot be reached.
 

@@ -10,15 +10,17 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Union
 
 import numpy as np
 
-from mmsearch.decode import enable_heif, load_image
+from mmsearch.decode import decode_failure, enable_heif, load_image
 from mmsearch.discover import is_image_name
 from mmsearch.errors import EmptyIndexError, InputFileError, UsageError
+from mmsearch.files import FileRefused, describe_os_error, not_a_file
 from mmsearch.home import Home
 from mmsearch.store import Kind
 
@@ -84,19 +86,48 @@ def parse_query(query: str, *, files: bool = True) -> list[Term]:
         match = _WEIGHT.match(text)
         if match:
             weight, text = float(match.group(1)), match.group(2).strip()
-        candidate = Path(text).expanduser()
-        image = candidate if files and is_image_name(text) and candidate.is_file() else None
-        terms.append(Term(sign * weight, text, image))
+        terms.append(Term(sign * weight, text, _image_term(text) if files else None))
     if not terms:
         raise UsageError("empty query: give some text or an example image")
     return terms
 
 
-def open_query_image(image: ImageInput, min_side: int) -> "Image.Image":
+def _image_term(text: str) -> Path | None:
+    """The image a query term names: an existing path with an image's extension, else ``None`` (text)."""
+    if not is_image_name(text):
+        return None
+    candidate = Path(text).expanduser()
+    try:
+        mode = candidate.stat().st_mode
+    except (OSError, ValueError):  # no such file (or no possible one): the term is text
+        return None
+    kind = not_a_file(mode)
+    if kind is not None:
+        raise InputFileError(f"{candidate}: {kind} (a query term that names a path must name an image file)")
+    return candidate
+
+
+def check_query_image(path: Path) -> None:
+    """Raise :class:`InputFileError` unless ``path`` is a regular file (a directory, FIFO... is not)."""
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        raise InputFileError(f"no such image: {path}") from None
+    except OSError as exc:
+        raise InputFileError(f"{path}: {describe_os_error(exc)}") from None
+    except ValueError:  # a NUL in the name
+        raise InputFileError(f"no such image: {path!r}") from None
+    kind = not_a_file(mode)
+    if kind is not None:
+        raise InputFileError(f"{path}: {kind}")
+
+
+def open_query_image(image: ImageInput, min_side: int, max_bytes: int | None = None) -> "Image.Image":
     """An example image as an upright RGB picture, whatever form it was given in.
 
-    Paths and bytes are decoded as indexing decodes files (the same
-    decompression-bomb guard); anything unreadable is an :class:`InputFileError`.
+    Paths and bytes are read and decoded as indexing reads files (regular
+    files only, at most ``max_bytes``, the same decompression-bomb guard);
+    anything unusable is an :class:`InputFileError` that says why.
     """
     from PIL import Image as PILImage
 
@@ -105,29 +136,49 @@ def open_query_image(image: ImageInput, min_side: int) -> "Image.Image":
 
         return to_rgb(image)
     enable_heif()
+    limit = {} if max_bytes is None else {"max_bytes": max_bytes}
     if isinstance(image, (bytes, bytearray, memoryview)):
-        source: str | bytes = bytes(image)
+        source: Path | bytes = bytes(image)
         name = "the image"
         if not source:
             raise InputFileError("the image is empty")
     else:
-        path = Path(image)
-        if not path.is_file():
-            raise InputFileError(f"no such image: {path}")
-        source, name = str(path), str(path)
+        source = Path(image)
+        check_query_image(source)
+        name = str(source)
     try:
-        return load_image(source, min_side)
-    except PILImage.DecompressionBombError:
-        raise InputFileError(f"{name} is too large (decompression bomb guard)") from None
+        return load_image(source, min_side, **limit)
+    except FileRefused as exc:
+        raise InputFileError(f"{name}: {exc.reason}") from None
     except Exception as exc:
-        raise InputFileError(f"{name} is not an image this tool can read ({type(exc).__name__})") from None
+        raise InputFileError(f"{name}: {decode_failure(exc)}") from None
 
 
 def embed_image_file(home: Home, image: ImageInput) -> np.ndarray:
     """The embedding of one example image (a path, bytes or a picture) given as a query."""
     encoder = home.encoder()
-    img = open_query_image(image, encoder.image_size)
+    img = open_query_image(image, encoder.image_size, home.settings.max_file_size)
     return encoder.embed_images(encoder.preprocess(img).unsqueeze(0))[0]
+
+
+def truncation_warnings(home: Home, query: str | None, *, files: bool = True) -> list[str]:
+    """One line per text term of ``query`` longer than the model's context (it is encoded truncated)."""
+    if not query:
+        return []
+    texts = [t.text for t in parse_query(query, files=files) if t.image is None]
+    if not texts:
+        return []
+    encoder = home.encoder()
+    tokens = encoder.tokenize(texts)
+    out = []
+    for text, row in zip(texts, tokens):
+        if int(row[-1]) != 0:
+            shown = text if len(text) <= 40 else text[:40] + "..."
+            out.append(
+                f"the query {shown!r} is longer than the model's {encoder.context_length}-token context "
+                "and was truncated"
+            )
+    return out
 
 
 def query_vector(home: Home, query: str | None, image: ImageInput | None, *, files: bool = True) -> np.ndarray:
@@ -161,6 +212,7 @@ def search(
     target: Kind = "image",
     k: int = 10,
     rerank_k: int = 0,
+    on_warning: Callable[[str], None] | None = None,
     files: bool = True,
     index: "VectorIndex | None" = None,
 ) -> list[Hit]:
@@ -168,6 +220,7 @@ def search(
 
     With ``rerank_k``, the best ``rerank_k`` candidates are re-scored by the
     model's cross-attention re-ranker (see :mod:`mmsearch.rerank`).
+    ``on_warning`` hears of query text cut to the model's context.
     ``files=False`` reads no query term as an image path. A long-lived caller
     (:class:`mmsearch.library.Library`) passes the ``index`` it keeps.
     """
@@ -177,6 +230,11 @@ def search(
         what = "images" if target == "image" else "texts"
         hint = "mmsearch index FOLDER" if target == "image" else "mmsearch add-texts FILE"
         raise EmptyIndexError(f"no {what} in {home.settings.home} yet; run `{hint}` first")
+    if isinstance(image, (str, Path)):
+        check_query_image(Path(image))
+    if on_warning is not None:
+        for message in truncation_warnings(home, query, files=files):
+            on_warning(message)
     if rerank_k > 0:
         from mmsearch.rerank import rerank_hits, rerank_query
 

@@ -209,7 +209,7 @@ def create_app(
 
     api = APIRouter(prefix="/api", dependencies=[Depends(check_token)])
 
-    def results(hits: list[Any], started: float, raw: bool = False) -> dict[str, Any]:
+    def results(hits: list[Any], started: float, raw: bool = False, warnings: list[str] | None = None) -> dict[str, Any]:
         out = []
         for hit in hits:
             row = hit.as_dict()
@@ -218,7 +218,10 @@ def create_app(
             if raw:
                 row["score_raw"] = float(hit.score)  # the warm CLI prints the score unrounded
             out.append(row)
-        return {"results": out, "took_ms": round((time.perf_counter() - started) * 1000, 3)}
+        answer: dict[str, Any] = {"results": out, "took_ms": round((time.perf_counter() - started) * 1000, 3)}
+        if warnings:
+            answer["warnings"] = warnings
+        return answer
 
     @api.get("/info")
     def info() -> dict[str, Any]:
@@ -246,11 +249,12 @@ def create_app(
         if not q or not q.strip():
             raise ApiError(400, "q is missing: give a text query (or POST an image)")
         target = "text" if _bool_param("texts", texts) else "image"
+        warnings: list[str] = []
         hits = library.search(
             q, target=target, k=_int_param("k", k, 10, 1, MAX_K),
-            rerank_k=_rerank_k(rerank), files=False,
+            rerank_k=_rerank_k(rerank), files=False, on_warning=warnings.append,
         )
-        return results(hits, started, _bool_param("raw", raw))
+        return results(hits, started, _bool_param("raw", raw), warnings)
 
     def _rerank_k(raw: str | None) -> int:
         from mmsearch.rerank import DEFAULT_RERANK_K
@@ -294,7 +298,10 @@ def create_app(
         found = library.image_file(number)
         if found is None:
             raise ApiError(404, f"no image with id {number}")
-        made = thumbnail(library.settings.home, found[0], found[1])
+        try:
+            made = thumbnail(library.settings.home, found[0], found[1], library.settings.max_file_size)
+        except InputFileError as exc:  # the file changed or broke since it was indexed
+            raise ApiError(404, f"no thumbnail for image {number}: {exc}") from None
         return Response(
             made.data, media_type=made.media_type,
             headers={"Cache-Control": "private, max-age=86400", "ETag": f'"{made.content_hash}"'},

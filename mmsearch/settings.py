@@ -7,10 +7,12 @@ the environment for these values.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from mmsearch.errors import UsageError
+from mmsearch.files import DEFAULT_MAX_FILE_SIZE
 
 #: The model used when a home has none recorded and none is asked for.
 #: ViT-B-32 trained on LAION-2B: 66.6% ImageNet zero-shot, 512-d vectors,
@@ -44,6 +46,29 @@ def _env_bool(name: str) -> bool:
     raise UsageError(f"{name}={os.environ[name]!r} is not a yes/no value (use 1 or 0)")
 
 
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([kmgt]?)(i?)(b?)\s*$", re.IGNORECASE)
+
+
+def parse_size(raw: str | int, what: str = "size") -> int:
+    """Bytes from ``"200MB"``, ``"1G"``, ``"1.5GiB"``, ``"500k"`` or a plain number of bytes.
+
+    k/M/G/T are powers of 1000, KiB/MiB/GiB/TiB powers of 1024; ``what`` names
+    the value in the error for anything else.
+    """
+    if isinstance(raw, int):
+        value = raw
+    else:
+        match = _SIZE.match(raw)
+        if not match or (match.group(3) and not match.group(2)):
+            raise UsageError(f"{what} {raw!r} is not a size (say 200MB, 1G or 1.5GiB)")
+        number, prefix, binary = match.group(1), match.group(2).lower(), match.group(3)
+        power = "kmgt".index(prefix) + 1 if prefix else 0
+        value = int(float(number) * (1024 if binary else 1000) ** power)
+    if value < 1:
+        raise UsageError(f"{what} must be at least 1 byte, got {raw!r}")
+    return value
+
+
 @dataclass(frozen=True)
 class Settings:
     """Everything a command needs to know about where and how to work."""
@@ -60,6 +85,8 @@ class Settings:
     workers: int = 2
     #: Encode images with int8 dynamic quantisation (CPU only; see mmsearch.quantize).
     int8: bool = False
+    #: Bytes read from one image file at most; a larger file is skipped (mmsearch.files).
+    max_file_size: int = DEFAULT_MAX_FILE_SIZE
 
     @property
     def catalog_path(self) -> Path:
@@ -80,6 +107,7 @@ def resolve(
     batch_size: int | None = None,
     workers: int | None = None,
     int8: bool | None = None,
+    max_file_size: int | str | None = None,
 ) -> Settings:
     """Build :class:`Settings` from explicit values, the environment and defaults."""
     home_raw = home if home is not None else os.environ.get("MMSEARCH_HOME") or None
@@ -93,6 +121,12 @@ def resolve(
         raise UsageError(f"batch size must be at least 1, got {batch_size}")
     if workers < 0:
         raise UsageError(f"workers must be 0 or more, got {workers}")
+    if max_file_size is not None:
+        max_size = parse_size(max_file_size, "--max-file-size")
+    elif os.environ.get("MMSEARCH_MAX_FILE_SIZE"):
+        max_size = parse_size(os.environ["MMSEARCH_MAX_FILE_SIZE"], "MMSEARCH_MAX_FILE_SIZE")
+    else:
+        max_size = DEFAULT_MAX_FILE_SIZE
     return Settings(
         home=resolved_home.resolve(),
         model=model,
@@ -100,4 +134,5 @@ def resolve(
         batch_size=batch_size,
         workers=workers,
         int8=int8 if int8 is not None else _env_bool("MMSEARCH_INT8"),
+        max_file_size=max_size,
     )

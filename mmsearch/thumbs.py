@@ -18,8 +18,9 @@ from pathlib import Path
 
 from PIL import Image, features
 
-from mmsearch.decode import content_hash, enable_heif, load_image
+from mmsearch.decode import content_hash, decode_failure, enable_heif, load_image
 from mmsearch.errors import InputFileError
+from mmsearch.files import DEFAULT_MAX_FILE_SIZE, FileRefused, read_regular
 
 #: The long side of a thumbnail, in pixels.
 THUMB_SIZE = 256
@@ -40,7 +41,7 @@ def thumb_path(home_dir: Path, digest: str) -> Path:
     return home_dir / "thumbs" / digest[:2] / f"{digest}{SUFFIX}"
 
 
-def thumbnail(home_dir: Path, source: str, digest: str) -> Thumbnail:
+def thumbnail(home_dir: Path, source: str, digest: str, max_bytes: int = DEFAULT_MAX_FILE_SIZE) -> Thumbnail:
     """The thumbnail of the image file ``source``, whose content hash the catalog records as ``digest``.
 
     Read from the cache when there; else made from the file and cached under
@@ -53,10 +54,9 @@ def thumbnail(home_dir: Path, source: str, digest: str) -> Thumbnail:
     except OSError:
         pass
     try:
-        with open(source, "rb") as fh:
-            raw = fh.read()
-    except OSError as exc:
-        raise InputFileError(f"cannot read {source}: {exc.strerror or exc}") from None
+        raw = read_regular(source, max_bytes)[0]  # regular files only, never a FIFO that blocks
+    except FileRefused as exc:
+        raise InputFileError(f"{source}: {exc.reason}") from None
     actual = content_hash(raw)
     data = make_thumbnail(raw, name=source)
     store_thumbnail(thumb_path(home_dir, actual), data)
@@ -68,10 +68,8 @@ def make_thumbnail(raw: bytes, name: str = "the image") -> bytes:
     enable_heif()
     try:
         img = load_image(raw, THUMB_SIZE)
-    except Image.DecompressionBombError:
-        raise InputFileError(f"{name} is too large (decompression bomb guard)") from None
     except Exception as exc:
-        raise InputFileError(f"{name} is not an image this tool can read ({type(exc).__name__})") from None
+        raise InputFileError(f"{name}: {decode_failure(exc)}") from None
     img.thumbnail((THUMB_SIZE, THUMB_SIZE), Image.Resampling.LANCZOS)
     out = io.BytesIO()
     img.save(out, FORMAT, quality=80)

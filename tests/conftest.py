@@ -66,6 +66,7 @@ def isolated_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """No test reads the user's home, model choice or network."""
     for var in ("MMSEARCH_HOME", "MMSEARCH_MODEL", "MMSEARCH_DEVICE", "MMSEARCH_BATCH_SIZE", "MMSEARCH_WORKERS", "MMSEARCH_INT8"):
         monkeypatch.delenv(var, raising=False)
+    monkeypatch.delenv("MMSEARCH_MAX_FILE_SIZE", raising=False)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-cache"))
     monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "xdg-data"))

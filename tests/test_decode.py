@@ -77,3 +77,30 @@ def test_heic_is_read_through_the_optional_extra(tmp_path: Path):
     assert enable_heif()
     img = load_image(str(tmp_path / "phone.heic"))
     assert img.size == (64, 48) and np.asarray(img)[24, 32, 0] > 150
+
+
+def test_png_with_text_chunks_over_pillows_cap_is_decoded(tmp_path: Path):
+    from PIL import PngImagePlugin
+
+    from mmsearch.decode import strip_png_metadata
+
+    cap = PngImagePlugin.MAX_TEXT_CHUNK
+    info = PngImagePlugin.PngInfo()
+    info.add_text("Comment", "a" * (2 * cap), zip=True)  # zTXt: tiny on disk, over the cap unpacked
+    info.add_itxt("XML:com.adobe.xmp", "b" * (2 * cap), zip=True)  # iTXt, compressed
+    picture = Image.new("RGB", (24, 16), (10, 200, 30))
+    path = tmp_path / "metadata.png"
+    picture.save(path, pnginfo=info)
+    try:
+        with Image.open(path) as img:
+            img.load()
+        raise AssertionError("Pillow now reads this file as it is; the test no longer covers the fallback")
+    except ValueError as exc:
+        assert "MAX_TEXT_CHUNK" in str(exc)
+    result = decode_file(_entry(path), lambda im: np.asarray(im), 16)
+    assert isinstance(result, Decoded) and (result.width, result.height) == (24, 16)
+    assert np.array_equal(result.pixels, np.asarray(picture))
+    assert PngImagePlugin.MAX_TEXT_CHUNK == cap  # no module state was changed for it
+    plain = tmp_path / "plain.png"
+    picture.save(plain)
+    assert strip_png_metadata(plain.read_bytes()) is None  # nothing to drop: no copy made

@@ -37,3 +37,21 @@ def test_symlink_loop_is_cut_and_files_listed_once(tmp_path: Path):
 def test_missing_root_names_it(tmp_path: Path):
     with pytest.raises(UsageError, match="no-such-folder"):
         check_roots([tmp_path / "no-such-folder"])
+
+
+def test_fifos_and_device_links_are_refused_unopened_and_other_names_counted(tmp_path: Path):
+    make_image(tmp_path / "a.jpg")
+    os.mkfifo(tmp_path / "pipe.jpg")
+    os.symlink("/dev/zero", tmp_path / "zero.jpg")
+    os.symlink(tmp_path / "a.jpg", tmp_path / "link.jpg")  # a link to a picture is a picture
+    (tmp_path / "drawing.svg").write_text("<svg/>")
+    (tmp_path / "notes.txt").write_text("not an image")
+    refused, ignored = [], []
+    found = walk([str(tmp_path)], on_skip=lambda p, r: refused.append((os.path.basename(p), r)), on_ignored=ignored.append)
+    assert sorted(os.path.basename(e.path) for e in found) == ["a.jpg", "link.jpg"]
+    assert sorted(refused) == [("pipe.jpg", "a FIFO (named pipe), not a file"), ("zero.jpg", "a device, not a file")]
+    assert sorted(os.path.basename(p) for p in ignored) == ["drawing.svg", "notes.txt"]
+    # named directly, too
+    refused.clear()
+    assert list(walk([str(tmp_path / "pipe.jpg")], on_skip=lambda p, r: refused.append(r))) == []
+    assert refused == ["a FIFO (named pipe), not a file"]

@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-import mmsearch.decode as decode
+import mmsearch.files as files
 import mmsearch.indexer as indexer
 from conftest import make_image
 from mmsearch.cli import app
@@ -108,14 +108,14 @@ def test_bad_files_are_indexed_or_skipped_with_one_line(
     locked = make_image(root / "no-permission.jpg", (50, 50, 50))
     bad.add(str(locked))
     if os.geteuid() == 0:
-        real_open = open
+        real_open = files.open_nonblocking
 
-        def refusing_open(path: object, *args: object, **kwargs: object) -> object:
-            if str(path) == str(locked):
-                raise PermissionError(13, "Permission denied", str(path))
-            return real_open(path, *args, **kwargs)  # type: ignore[call-overload]
+        def refusing_open(path: str) -> int:
+            if path == str(locked):
+                raise PermissionError(13, "Permission denied", path)
+            return real_open(path)
 
-        monkeypatch.setattr(decode, "open", refusing_open, raising=False)
+        monkeypatch.setattr(files, "open_nonblocking", refusing_open)
     else:
         locked.chmod(0)
     # a file deleted between discovery and decoding

@@ -27,3 +27,21 @@ def test_bad_numbers(monkeypatch: pytest.MonkeyPatch):
         resolve()
     with pytest.raises(UsageError):
         resolve(batch_size=0)
+
+
+def test_max_file_size_takes_sizes_from_flag_then_environment(monkeypatch: pytest.MonkeyPatch):
+    from mmsearch.files import DEFAULT_MAX_FILE_SIZE
+    from mmsearch.settings import parse_size
+
+    assert resolve().max_file_size == DEFAULT_MAX_FILE_SIZE == parse_size("200MB")
+    assert [parse_size(s) for s in ("1G", "1.5GiB", "500k", "2 mb", "123")] == [
+        10**9, 3 * 2**29, 500_000, 2_000_000, 123
+    ]
+    monkeypatch.setenv("MMSEARCH_MAX_FILE_SIZE", "1G")
+    assert resolve().max_file_size == 10**9
+    assert resolve(max_file_size="20MB").max_file_size == 20_000_000
+    monkeypatch.setenv("MMSEARCH_MAX_FILE_SIZE", "lots")
+    with pytest.raises(UsageError, match="MMSEARCH_MAX_FILE_SIZE 'lots' is not a size"):
+        resolve()
+    with pytest.raises(UsageError, match="at least 1 byte"):
+        parse_size("0")
