@@ -258,7 +258,7 @@ def search(
             return
     from mmsearch.library import Library
     from mmsearch.runtime import prepare_model_access, set_torch_threads
-    from mmsearch.search import parse_query
+    from mmsearch.query import parse_query
 
     text_only = image is None and bool(query) and all(term.image is None for term in parse_query(query or ""))
 

@@ -33,7 +33,7 @@ if TYPE_CHECKING:
     from mmsearch.home import Home
     from mmsearch.index import VectorIndex
     from mmsearch.indexer import IndexReport
-    from mmsearch.search import Hit, ImageInput
+    from mmsearch.query import Hit, ImageInput
 
 #: ``progress(done, total)``, called as work advances (the CLI draws a bar with it).
 Progress = Callable[[int, int], None]

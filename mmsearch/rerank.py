@@ -28,13 +28,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from mmsearch.errors import HomeWriteError, RerankerUnavailableError, UsageError
+from mmsearch.errors import HomeWriteError, RerankerUnavailableError
 from mmsearch.towers import image_token_states, text_token_states
 
 if TYPE_CHECKING:
     from mmsearch.encode import Encoder
     from mmsearch.home import Home
-    from mmsearch.search import Hit, ImageInput
 
 RERANKER_WEIGHTS = "reranker.safetensors"
 RERANKER_CONFIG = "reranker.json"
@@ -291,76 +290,3 @@ def token_sink(home: "Home", encoder: "Encoder") -> TokenStore | None:
         probe = torch.zeros(1, 3, size, size, device=encoder.device)
         _, tokens = image_token_states(encoder.model, probe)
     return TokenStore.open(home.settings.home, encoder.spec.canonical, (int(tokens.shape[1]), int(tokens.shape[2])))
-
-
-# -- search integration ----------------------------------------------------------
-
-
-def _image_of_file(encoder: "Encoder", image: "ImageInput") -> tuple[np.ndarray, np.ndarray]:
-    """(normalised embedding, patch tokens) of one image (path, bytes or picture): one decode, one tower pass."""
-    from mmsearch.search import open_query_image
-
-    img = open_query_image(image, encoder.image_size)
-    vectors, tokens = encoder.embed_images_with_tokens(encoder.preprocess(img).unsqueeze(0))
-    return vectors[0], tokens[0]
-
-
-def rerank_query(
-    home: "Home", query: str | None, image: "ImageInput | None", target: str, *, files: bool = True
-) -> tuple[np.ndarray, Any]:
-    """(search vector, what the re-ranker needs of the query), from one encoder pass.
-
-    Text→image: the text's projected token states; the end-of-text state is
-    the dual-encoder embedding, so the text tower runs once. Image→text: the
-    image is decoded and encoded once for both its vector and its patch tokens.
-    """
-    from mmsearch.search import parse_query
-
-    encoder = home.encoder()
-    if target == "image":
-        if image is not None or not query:
-            raise UsageError("re-ranking images needs a text query, not an example image")
-        terms = parse_query(query, files=files)
-        if len(terms) != 1 or terms[0].image is not None or terms[0].weight != 1.0:
-            raise UsageError("re-ranking needs a plain text query, not query arithmetic")
-        with torch.inference_mode():
-            tokens = encoder.tokenize([terms[0].text]).to(encoder.device)
-            states, mask = text_token_states(encoder.model, tokens)
-            vector = nn.functional.normalize(states[0, int(mask[0].sum()) - 1].float(), dim=-1)
-        return vector.cpu().numpy().astype(np.float32), TextStates(states, mask)
-    if image is None or query:
-        raise UsageError("re-ranking texts needs an example image alone (no text query)")
-    return _image_of_file(encoder, image)
-
-
-def rerank_hits(home: "Home", prepared: Any, target: str, hits: "list[Hit]", k: int, rerank_k: int) -> "list[Hit]":
-    """Re-score the first ``rerank_k`` hits with the home model's re-ranker; the best ``k``.
-
-    ``prepared`` is the query as :func:`rerank_query` returned it.
-    """
-    encoder = home.encoder()
-    reranker = Reranker.load(encoder)
-    head, rest = hits[:rerank_k], hits[rerank_k:]
-    if target == "image":
-        hashes = home.catalog.image_hashes([int(h.id) for h in head])
-        store = TokenStore.open(home.settings.home, encoder.spec.canonical)
-        stored = store.get([hashes[int(h.id)] for h in head]) if store is not None else [None] * len(head)
-        candidates = []
-        for hit, tokens in zip(head, stored):
-            if tokens is None:  # indexed before the store existed: read the file once
-                tokens = _image_of_file(encoder, Path(str(hit.path)))[1]
-            candidates.append({"id": hit.id, "score": hit.score, "tokens": tokens})
-    else:
-        candidates = [{"id": h.id, "score": h.score, "text": h.text or ""} for h in head]
-    scores = reranker.score(prepared, candidates)
-    order = np.argsort(-scores, kind="stable")
-    reranked = []
-    for i in order:
-        hit = head[i]
-        hit.extra["dual_score"] = round(float(hit.score), 6)
-        hit.score = float(scores[i])
-        reranked.append(hit)
-    final = (reranked + rest)[:k]
-    for rank, hit in enumerate(final, 1):
-        hit.rank = rank
-    return final

@@ -1,157 +1,33 @@
-"""Search stage: turn a query into a vector and find the nearest images or texts.
+"""Search stage: turn a query into a vector, find the nearest images or texts, re-rank them.
 
-A text query may be a sum of weighted terms, ``"cat + 2:snow - dog"``; a term
-that names an existing image file stands for that image's embedding. Terms
-are separated by `` + `` or `` - `` with spaces around, so ``t-shirt`` is one
-term.
+What a query is (terms, example images) and what a hit is live in
+:mod:`mmsearch.query`; the re-ranking model and its token store in
+:mod:`mmsearch.rerank`. This module holds the search-side half of
+re-ranking: preparing the query once for both the dual encoder and the
+re-ranker, and re-scoring the first candidates.
 """
 
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Union
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from mmsearch.decode import decode_failure, enable_heif, load_image
-from mmsearch.discover import is_image_name
-from mmsearch.errors import EmptyIndexError, InputFileError, UsageError
-from mmsearch.files import FileRefused, describe_os_error, not_a_file
+from mmsearch.errors import EmptyIndexError, UsageError
 from mmsearch.home import Home
+from mmsearch.query import Hit, ImageInput, Term, check_query_image, open_query_image, parse_query
 from mmsearch.store import Kind
 
 if TYPE_CHECKING:
-    from PIL import Image
-
+    from mmsearch.encode import Encoder
     from mmsearch.index import VectorIndex
 
-#: An example image given to a search: a file path, the file's bytes, or a picture.
-ImageInput = Union[Path, str, bytes, "Image.Image"]
-
-_OPERATOR = re.compile(r"\s+([+-])\s+")
-_WEIGHT = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*:\s*(\S.*)$")
-
-
-@dataclass(frozen=True)
-class Term:
-    weight: float
-    text: str
-    image: Path | None = None
-
-
-@dataclass
-class Hit:
-    rank: int
-    score: float
-    id: int | str
-    kind: Kind
-    path: str | None = None
-    text: str | None = None
-    meta: dict[str, Any] | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    def as_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"rank": self.rank, "score": round(float(self.score), 6), "id": self.id}
-        if self.kind == "image":
-            out["path"] = self.path
-        else:
-            out["text"] = self.text
-            if self.meta:
-                out["meta"] = self.meta
-        out.update(self.extra)
-        return out
-
-
-def parse_query(query: str, *, files: bool = True) -> list[Term]:
-    """Split ``"a + 2:b - c"`` into weighted terms; image paths become image terms.
-
-    ``files=False`` never looks at the file system: every term is text (a
-    server must not open paths that its clients name).
-    """
-    parts = _OPERATOR.split(" " + query.strip() + " ")
-    terms: list[Term] = []
-    sign = 1.0
-    for i, part in enumerate(parts):
-        if i % 2 == 1:
-            sign = 1.0 if part == "+" else -1.0
-            continue
-        text = part.strip()
-        if not text:
-            continue
-        weight = 1.0
-        match = _WEIGHT.match(text)
-        if match:
-            weight, text = float(match.group(1)), match.group(2).strip()
-        terms.append(Term(sign * weight, text, _image_term(text) if files else None))
-    if not terms:
-        raise UsageError("empty query: give some text or an example image")
-    return terms
-
-
-def _image_term(text: str) -> Path | None:
-    """The image a query term names: an existing path with an image's extension, else ``None`` (text)."""
-    if not is_image_name(text):
-        return None
-    candidate = Path(text).expanduser()
-    try:
-        mode = candidate.stat().st_mode
-    except (OSError, ValueError):  # no such file (or no possible one): the term is text
-        return None
-    kind = not_a_file(mode)
-    if kind is not None:
-        raise InputFileError(f"{candidate}: {kind} (a query term that names a path must name an image file)")
-    return candidate
-
-
-def check_query_image(path: Path) -> None:
-    """Raise :class:`InputFileError` unless ``path`` is a regular file (a directory, FIFO... is not)."""
-    try:
-        mode = path.stat().st_mode
-    except FileNotFoundError:
-        raise InputFileError(f"no such image: {path}") from None
-    except OSError as exc:
-        raise InputFileError(f"{path}: {describe_os_error(exc)}") from None
-    except ValueError:  # a NUL in the name
-        raise InputFileError(f"no such image: {path!r}") from None
-    kind = not_a_file(mode)
-    if kind is not None:
-        raise InputFileError(f"{path}: {kind}")
-
-
-def open_query_image(image: ImageInput, min_side: int, max_bytes: int | None = None) -> "Image.Image":
-    """An example image as an upright RGB picture, whatever form it was given in.
-
-    Paths and bytes are read and decoded as indexing reads files (regular
-    files only, at most ``max_bytes``, the same decompression-bomb guard);
-    anything unusable is an :class:`InputFileError` that says why.
-    """
-    from PIL import Image as PILImage
-
-    if isinstance(image, PILImage.Image):
-        from mmsearch.decode import to_rgb
-
-        return to_rgb(image)
-    enable_heif()
-    limit = {} if max_bytes is None else {"max_bytes": max_bytes}
-    if isinstance(image, (bytes, bytearray, memoryview)):
-        source: Path | bytes = bytes(image)
-        name = "the image"
-        if not source:
-            raise InputFileError("the image is empty")
-    else:
-        source = Path(image)
-        check_query_image(source)
-        name = str(source)
-    try:
-        return load_image(source, min_side, **limit)
-    except FileRefused as exc:
-        raise InputFileError(f"{name}: {exc.reason}") from None
-    except Exception as exc:
-        raise InputFileError(f"{name}: {decode_failure(exc)}") from None
+__all__ = [
+    "Hit", "ImageInput", "Term", "nearest", "parse_query", "query_vector", "rerank_hits", "rerank_query", "search",
+]
 
 
 def embed_image_file(home: Home, image: ImageInput) -> np.ndarray:
@@ -236,8 +112,6 @@ def search(
         for message in truncation_warnings(home, query, files=files):
             on_warning(message)
     if rerank_k > 0:
-        from mmsearch.rerank import rerank_hits, rerank_query
-
         vector, prepared = rerank_query(home, query, image, target, files=files)  # one encoder pass for both
         hits = nearest(home, vector, target, max(k, rerank_k), index=index)
         return rerank_hits(home, prepared, target, hits, k, rerank_k)
@@ -278,3 +152,79 @@ def _resolve(home: Home, pairs: list[tuple[float, int]], target: Kind) -> list[H
         for score, i in pairs
         if i in texts
     ]
+
+
+# -- the search side of re-ranking ---------------------------------------------
+
+
+def _image_with_tokens(encoder: "Encoder", image: ImageInput) -> tuple[np.ndarray, np.ndarray]:
+    """(normalised embedding, patch tokens) of one image (path, bytes or picture): one decode, one tower pass."""
+    img = open_query_image(image, encoder.image_size)
+    vectors, tokens = encoder.embed_images_with_tokens(encoder.preprocess(img).unsqueeze(0))
+    return vectors[0], tokens[0]
+
+
+def rerank_query(
+    home: Home, query: str | None, image: ImageInput | None, target: str, *, files: bool = True
+) -> tuple[np.ndarray, Any]:
+    """(search vector, what the re-ranker needs of the query), from one encoder pass.
+
+    Text→image: the text's projected token states; the end-of-text state is
+    the dual-encoder embedding, so the text tower runs once. Image→text: the
+    image is decoded and encoded once for both its vector and its patch tokens.
+    """
+    import torch
+
+    from mmsearch.rerank import TextStates
+    from mmsearch.towers import text_token_states
+
+    encoder = home.encoder()
+    if target == "image":
+        if image is not None or not query:
+            raise UsageError("re-ranking images needs a text query, not an example image")
+        terms = parse_query(query, files=files)
+        if len(terms) != 1 or terms[0].image is not None or terms[0].weight != 1.0:
+            raise UsageError("re-ranking needs a plain text query, not query arithmetic")
+        with torch.inference_mode():
+            tokens = encoder.tokenize([terms[0].text]).to(encoder.device)
+            states, mask = text_token_states(encoder.model, tokens)
+            vector = torch.nn.functional.normalize(states[0, int(mask[0].sum()) - 1].float(), dim=-1)
+        return vector.cpu().numpy().astype(np.float32), TextStates(states, mask)
+    if image is None or query:
+        raise UsageError("re-ranking texts needs an example image alone (no text query)")
+    return _image_with_tokens(encoder, image)
+
+
+def rerank_hits(home: Home, prepared: Any, target: str, hits: list[Hit], k: int, rerank_k: int) -> list[Hit]:
+    """Re-score the first ``rerank_k`` hits with the home model's re-ranker; the best ``k``.
+
+    ``prepared`` is the query as :func:`rerank_query` returned it.
+    """
+    from mmsearch.rerank import Reranker, TokenStore
+
+    encoder = home.encoder()
+    reranker = Reranker.load(encoder)
+    head, rest = hits[:rerank_k], hits[rerank_k:]
+    if target == "image":
+        hashes = home.catalog.image_hashes([int(h.id) for h in head])
+        store = TokenStore.open(home.settings.home, encoder.spec.canonical)
+        stored = store.get([hashes[int(h.id)] for h in head]) if store is not None else [None] * len(head)
+        candidates = []
+        for hit, tokens in zip(head, stored):
+            if tokens is None:  # indexed before the store existed: read the file once
+                tokens = _image_with_tokens(encoder, Path(str(hit.path)))[1]
+            candidates.append({"id": hit.id, "score": hit.score, "tokens": tokens})
+    else:
+        candidates = [{"id": h.id, "score": h.score, "text": h.text or ""} for h in head]
+    scores = reranker.score(prepared, candidates)
+    order = np.argsort(-scores, kind="stable")
+    reranked = []
+    for i in order:
+        hit = head[i]
+        hit.extra["dual_score"] = round(float(hit.score), 6)
+        hit.score = float(scores[i])
+        reranked.append(hit)
+    final = (reranked + rest)[:k]
+    for rank, hit in enumerate(final, 1):
+        hit.rank = rank
+    return final

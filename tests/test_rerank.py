@@ -114,7 +114,8 @@ def test_scorer_save_load_round_trip(tmp_path: Path) -> None:
 def test_rerank_query_shares_one_encoder_pass(untrained_rerank_model: Path, photo_dir: Path, home: Path) -> None:
     """The re-rank path's one-pass query vectors equal the plain search's query vectors."""
     from mmsearch.home import Home
-    from mmsearch.rerank import TextStates, rerank_query
+    from mmsearch.rerank import TextStates
+    from mmsearch.search import rerank_query
     from mmsearch.search import query_vector
     from mmsearch.settings import resolve
 
