@@ -6,20 +6,25 @@ import pytest
 from mmsearch.errors import InputFileError
 from mmsearch.home import Home
 from mmsearch.settings import resolve
-from mmsearch.texts import add_texts, read_corpus
+from mmsearch.texts import add_texts, read_corpus, text_key
 
 
 def test_txt_jsonl_csv(tmp_path: Path):
     (tmp_path / "a.txt").write_text("first line\n\n  second line  \n")
     items, empty, dups = read_corpus(tmp_path / "a.txt")
-    assert [(i.key, i.text) for i in items] == [("a.txt:1", "first line"), ("a.txt:3", "second line")]
+    source = str((tmp_path / "a.txt").resolve())
+    assert [(i.key, i.text) for i in items] == [
+        (text_key(source, "first line"), "first line"), (text_key(source, "second line"), "second line")
+    ]
+    assert items[0].key.startswith("a.txt#") and len(items[0].key) == len("a.txt#") + 16
     assert (empty, dups) == (1, 0)
 
     lines = [{"id": "x", "text": "hello", "lang": "en"}, {"text": "no id"}, {"id": 7, "text": "num id"}]
     (tmp_path / "b.jsonl").write_text("\n".join(json.dumps(r) for r in lines) + "\n")
     items, _, _ = read_corpus(tmp_path / "b.jsonl")
     assert [(i.key, i.text, i.meta) for i in items] == [
-        ("x", "hello", {"lang": "en"}), ("b.jsonl:2", "no id", None), ("7", "num id", None)
+        ("x", "hello", {"lang": "en"}), (text_key(str((tmp_path / "b.jsonl").resolve()), "no id"), "no id", None),
+        ("7", "num id", None),
     ]
 
     (tmp_path / "c.csv").write_text('id,text,author\n1,"a, quoted text",ann\n2,plain,\n')
