@@ -93,3 +93,59 @@ def test_a_run_with_nothing_new_refreshes_a_stale_text_index(tmp_path: Path, tin
         report = add_texts(home, corpus, progress=False)
         assert report.unchanged == 2
     assert json.loads(sidecar.read_text())["generation"] == 1
+
+
+def test_repeated_ids_across_chunks_keep_the_last_and_a_re_add_changes_nothing(tmp_path: Path, tiny_model: Path):
+    corpus = tmp_path / "d.jsonl"
+    records = [{"id": "k", "text": "old"}] + [{"text": f"filler {i}"} for i in range(9)] + [{"id": "k", "text": "new"}]
+    records += [{"text": "filler 3"}]  # a repeated text without id, in another chunk
+    corpus.write_text("".join(json.dumps(r) + "\n" for r in records))
+    with Home.open(resolve(home=tmp_path / "home", model=str(tiny_model))) as home:
+        first = add_texts(home, corpus, progress=False, chunk=4)
+        assert (first.added, first.updated, first.duplicates) == (10, 0, 2)
+        ((_, text),) = home.catalog.text_states(["k"]).values()
+        assert text == "new"
+        generation = home.catalog.generation("text")
+        again = add_texts(home, corpus, progress=False, chunk=4)
+        assert (again.added, again.updated, again.unchanged, again.duplicates) == (0, 0, 10, 2)
+        assert home.catalog.generation("text") == generation
+
+
+def test_a_corpus_past_the_threshold_leaves_an_ivf_index(tmp_path: Path, tiny_model: Path, monkeypatch):
+    from mmsearch import index as index_mod
+    from mmsearch.index import VectorIndex, sidecar_is_current
+
+    monkeypatch.setattr(index_mod, "EXACT_MAX", 300)
+    corpus = tmp_path / "many.txt"
+    corpus.write_text("".join(f"caption number {i}\n" for i in range(200)))
+    settings = resolve(home=tmp_path / "home", model=str(tiny_model))
+    with Home.open(settings) as home:
+        add_texts(home, corpus, progress=False, chunk=64)
+        assert VectorIndex.load(settings.index_path("text")).index_type == "flat"
+        corpus.write_text("".join(f"caption number {i}\n" for i in range(700)))
+        report = add_texts(home, corpus, progress=False, chunk=64)
+        assert (report.added, report.unchanged) == (500, 200)
+        saved = VectorIndex.load(settings.index_path("text"))
+        assert saved.index_type == "ivf" and saved.count == 700
+        assert sidecar_is_current(settings.index_path("text"), home.catalog.generation("text"), home.dim,
+                                  home.spec.canonical)
+        assert sorted(saved.ids()) == sorted(home.catalog.ids("text"))
+
+
+def test_a_file_that_changes_during_the_run_is_an_error(tmp_path: Path, tiny_model: Path, monkeypatch):
+    import mmsearch.texts as texts
+
+    corpus = tmp_path / "grow.txt"
+    corpus.write_text("one\ntwo\n")
+    real_scan = texts.scan_corpus
+
+    def scan_then_append(path, progress=False):
+        scan = real_scan(path, progress)
+        with open(path, "a") as fh:
+            fh.write("three\n")
+        return scan
+
+    monkeypatch.setattr(texts, "scan_corpus", scan_then_append)
+    with Home.open(resolve(home=tmp_path / "home", model=str(tiny_model))) as home:
+        with pytest.raises(InputFileError, match="grow.txt changed while it was being added"):
+            add_texts(home, corpus, progress=False)
