@@ -158,17 +158,28 @@ def _record_item(record: Any, path: Path, number: int, source: str) -> TextItem 
         return None
     if not isinstance(text, str):
         raise InputFileError(f"{path}:{number}: 'text' must be a string")
-    text = text.strip()
+    text = _encodable(text.strip(), path, number, "text")
     meta = {k: v for k, v in record.items() if k not in ("text", "id") and v not in (None, "")}
+    if meta:
+        _encodable(json.dumps(meta, ensure_ascii=False), path, number, "meta")
     raw_id = record.get("id")
     if raw_id in (None, ""):
         return TextItem(text_key(source, text), text, meta or None, derived=True)
-    return TextItem(str(raw_id), text, meta or None)
+    return TextItem(_encodable(str(raw_id), path, number, "id"), text, meta or None)
+
+
+def _encodable(value: str, path: Path, number: int, field: str) -> str:
+    """``value``, unless JSON's ``\\uD800``-style escapes left a lone surrogate that UTF-8 (and SQLite) cannot hold."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InputFileError(f"{path}:{number}: '{field}' holds an unpaired UTF-16 surrogate (a bad \\u escape)") from None
+    return value
 
 
 def _identity(item: TextItem) -> bytes:
     """16 bytes that tell two items of one file apart: the id, or the text when the key comes from it."""
-    tagged = (b"t\0" + item.text.encode("utf-8", "surrogatepass")) if item.derived else (b"i\0" + item.key.encode())
+    tagged = (b"t\0" + item.text.encode()) if item.derived else (b"i\0" + item.key.encode())
     return hashlib.blake2b(tagged, digest_size=16).digest()
 
 

@@ -46,6 +46,8 @@ def test_duplicate_ids_keep_the_last(tmp_path: Path):
         ("bad.txt", b"fine\nstill fine\n\xff\xfe broken\n", "bad.txt:3: not valid UTF-8"),
         ("bad.csv", b"id,caption\n1,x\n", "needs a 'text' column"),
         ("bad.docx", b"whatever", "unsupported"),
+        ("surrogate.jsonl", b'{"text": "ok"}\n{"text": "half \\ud83d pair"}\n', "surrogate.jsonl:2: 'text' holds an unpaired"),
+        ("surrogate2.jsonl", b'{"text": "ok", "id": "\\udc80"}\n', "surrogate2.jsonl:1: 'id' holds an unpaired"),
     ],
 )
 def test_bad_corpora_name_the_line(tmp_path: Path, name: str, content: bytes, message: str):
