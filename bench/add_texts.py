@@ -9,6 +9,13 @@ rate and peak so far (memory must be flat by then, however long the corpus).
 
     python bench/add_texts.py --lines 250000,500000,1000000
     python bench/add_texts.py --lines 9000000 --kill-after 300
+    python bench/add_texts.py --index-only 9000000
+
+``--index-only N`` times the last step alone, the one a killed run does not
+reach: a catalog of N texts (random unit vectors of the tiny model's 32
+dimensions, float16 as the catalog stores them) is written once, then a
+fresh process imports torch and the model as add-texts does and builds the
+IVF index from it, as add-texts does at its end past the threshold.
 """
 
 from __future__ import annotations
@@ -100,16 +107,77 @@ def run(lines: int, model: str, kill_after: float | None, threads: int) -> dict:
                     "rate": done / seconds}
 
 
+INDEX_CHILD = r"""
+import json, sys, time
+from pathlib import Path
+sys.path.insert(0, sys.argv[1])
+from _common import peak_rss_mib
+from mmsearch.home import Home
+from mmsearch.index import build_from_catalog
+from mmsearch.settings import resolve
+with Home.open(resolve(home=Path(sys.argv[2]), model=sys.argv[3])) as home:
+    home.encoder()  # what add-texts holds when it builds the index
+    base = peak_rss_mib()
+    started = time.perf_counter()
+    index = build_from_catalog(home.catalog, "text", home.dim, home.spec.canonical)
+    seconds = time.perf_counter() - started
+    home.save_index(index)
+print(json.dumps({"seconds": seconds, "base_mib": base, "peak_mib": peak_rss_mib(), "index": index.index_type,
+                  "nlist": int(getattr(index.faiss_index, "nlist", 0)), "count": index.count}))
+"""
+
+
+def index_only(count: int, model: str) -> None:
+    """Build the end-of-run IVF index of ``count`` catalogued texts in a fresh process."""
+    import numpy as np
+
+    from mmsearch.home import Home
+    from mmsearch.settings import resolve
+
+    home_dir = CACHE / f"texts-home-{count}"
+    marker = home_dir / "complete"
+    if not marker.exists():
+        import shutil
+
+        shutil.rmtree(home_dir, ignore_errors=True)
+        rng = np.random.default_rng(0)
+        with Home.open(resolve(home=home_dir, model=model)) as home:
+            dim = home.encoder().dim
+            started = time.perf_counter()
+            for start in range(0, count, 50_000):
+                n = min(50_000, count - start)
+                vectors = rng.standard_normal((n, dim), dtype=np.float32)
+                vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+                rows = [{"key": f"t{start + i}", "text": f"text {start + i}", "source": "/bench/corpus.txt",
+                         "meta": None, "vector": v} for i, v in enumerate(home.catalog.stored(vectors))]
+                home.catalog.write_texts(rows, [])
+            print(f"wrote {count:,} catalog rows in {time.perf_counter() - started:.0f} s", flush=True)
+        marker.write_text("")
+    args = [sys.executable, "-c", INDEX_CHILD, str(Path(__file__).parent), str(home_dir), model]
+    out = subprocess.run(args, stdout=subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(ROOT)}, text=True,
+                         check=True).stdout
+    r = json.loads(out.strip().splitlines()[-1])
+    print(table(["texts", "index", "nlist", "build s", "RSS before MiB", "peak RSS MiB"],
+                [[f"{r['count']:,}", r["index"], r["nlist"], f"{r['seconds']:.0f}", f"{r['base_mib']:,.0f}",
+                  f"{r['peak_mib']:,.0f}"]]))
+    print(f"peak RSS, index build at {count:,}: {r['peak_mib']:,.0f} MiB")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--lines", default="250000,500000,1000000", help="comma-separated corpus sizes")
     ap.add_argument("--model", default=None, help="model spec (default: a tiny random open_clip model)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default, one per core)")
+    ap.add_argument("--index-only", type=int, default=0, metavar="N",
+                    help="only build the end-of-run IVF index of N catalogued texts (see above)")
     ap.add_argument("--kill-after", type=float, default=None, help="stop each run after this many seconds")
     args = ap.parse_args()
     print(machine())
     print(f"torch threads: {args.threads or 'default'}; load average {os.getloadavg()[0]:.1f}")
     model = args.model or f"local-dir:{tiny_model()}"
+    if args.index_only:
+        index_only(args.index_only, model)
+        return
     rows = []
     for lines in (int(n) for n in args.lines.split(",")):
         r = run(lines, model, args.kill_after, args.threads)
