@@ -77,11 +77,16 @@ def text_key(source: str, text: str, *, long: bool = False) -> str:
     already taken by another text. Migration 0006 re-keys catalogs with the
     same rule; keep the two in step.
     """
-    digest = hashlib.blake2b(
-        source.encode("utf-8", "surrogateescape") + b"\0" + text.encode("utf-8", "surrogatepass"),
-        digest_size=16 if long else 8,
-    ).hexdigest()
-    return f"{os.path.basename(source)}#{digest}"
+    return _key_maker(source, long)(text)
+
+
+def _key_maker(source: str, long: bool = False) -> Callable[[str], str]:
+    """:func:`text_key` for one corpus, with its per-corpus part made once (it runs for every line)."""
+    prefix = source.encode("utf-8", "surrogateescape") + b"\0"
+    name = os.path.basename(source) + "#"
+    size = 16 if long else 8
+    blake2b = hashlib.blake2b
+    return lambda text: name + blake2b(prefix + text.encode("utf-8", "surrogatepass"), digest_size=size).hexdigest()
 
 
 def _lines(path: Path) -> Iterator[tuple[int, str]]:
@@ -111,21 +116,22 @@ def _check_suffix(path: Path) -> str:
     return suffix
 
 
-def iter_corpus(path: Path) -> Iterator[TextItem | None]:
+def iter_corpus(path: Path, *, keys: bool = True) -> Iterator[TextItem | None]:
     """The texts of a corpus file in order, ``None`` for each empty line or text; bad lines raise InputFileError.
 
     Reads one line (one CSV record) at a time. Keys are given ids or
-    :func:`text_key` of the file's absolute path.
+    :func:`text_key` of the file's absolute path; with ``keys=False`` the
+    latter are left empty (a pass that only needs the texts).
     """
     path = Path(path)
     suffix = _check_suffix(path)
-    source = str(path.resolve())
+    key_of = _key_maker(str(path.resolve())) if keys else _no_key
     if suffix == ".txt":
         for _number, line in _lines(path):
             # str.splitlines breaks at \r, \x0b, \x1c, \u2028 ... too, as before streaming
             for part in line.splitlines() or [""]:
                 text = part.strip()
-                yield TextItem(text_key(source, text), text, derived=True) if text else None
+                yield TextItem(key_of(text), text, derived=True) if text else None
     elif suffix == ".jsonl":
         for number, line in _lines(path):
             if not line.strip():
@@ -135,19 +141,23 @@ def iter_corpus(path: Path) -> Iterator[TextItem | None]:
                 record = json.loads(line)
             except json.JSONDecodeError as exc:
                 raise InputFileError(f"{path}:{number}: not valid JSON ({exc.msg})") from None
-            yield _record_item(record, path, number, source)
+            yield _record_item(record, path, number, key_of)
     else:
         reader = csv.DictReader(line for _number, line in _lines(path))
         try:
             if reader.fieldnames is None or "text" not in reader.fieldnames:
                 raise InputFileError(f"{path}: a CSV corpus needs a 'text' column")
             for record in reader:
-                yield _record_item(record, path, reader.line_num, source)
+                yield _record_item(record, path, reader.line_num, key_of)
         except csv.Error as exc:
             raise InputFileError(f"{path}:{reader.line_num}: not valid CSV ({exc})") from None
 
 
-def _record_item(record: Any, path: Path, number: int, source: str) -> TextItem | None:
+def _no_key(_text: str) -> str:
+    return ""
+
+
+def _record_item(record: Any, path: Path, number: int, key_of: Callable[[str], str]) -> TextItem | None:
     """The item of one JSONL/CSV record; ``None`` for an empty text."""
     if not isinstance(record, dict):
         raise InputFileError(f"{path}:{number}: expected a JSON object with a 'text' field")
@@ -164,7 +174,7 @@ def _record_item(record: Any, path: Path, number: int, source: str) -> TextItem 
         _encodable(json.dumps(meta, ensure_ascii=False), path, number, "meta")
     raw_id = record.get("id")
     if raw_id in (None, ""):
-        return TextItem(text_key(source, text), text, meta or None, derived=True)
+        return TextItem(key_of(text), text, meta or None, derived=True)
     return TextItem(_encodable(str(raw_id), path, number, "id"), text, meta or None)
 
 
@@ -214,7 +224,7 @@ def scan_corpus(path: Path, progress: bool = False) -> CorpusScan:
     # shown only once reading takes a while: a small corpus with a bad line gets just the error
     bar = tqdm(unit="text", desc="reading", disable=not progress, file=sys.stderr, dynamic_ncols=True, delay=2.0)
     try:
-        for item in iter_corpus(path):
+        for item in iter_corpus(path, keys=False):
             if item is None:
                 empty += 1
                 continue
