@@ -8,7 +8,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 from mmsearch import modelspec
 from mmsearch.home import Home
