@@ -226,15 +226,18 @@ class Encoder:
         vector for any length that holds every real token, so cutting the
         77-token padding only saves work.
         """
-        import torch
-
         if not texts:
             return np.zeros((0, self.dim), dtype=np.float32)
+        return self.embed_text_tokens(self.tokenize(texts), truncate=truncate)
+
+    def embed_text_tokens(self, tokens: "torch.Tensor", *, truncate: bool = True) -> np.ndarray:
+        """Embed an already tokenised batch (a caller that also counts truncated texts tokenises once)."""
+        import torch
+
         from mmsearch.towers import encode_text_tokens
 
-        tokens = self.tokenize(texts).to(self.device)
         with torch.inference_mode():
-            features = encode_text_tokens(self.model, tokens, truncate=truncate)
+            features = encode_text_tokens(self.model, tokens.to(self.device), truncate=truncate)
             features = torch.nn.functional.normalize(features.float(), dim=-1)
         return features.cpu().numpy().astype(np.float32, copy=False)
 

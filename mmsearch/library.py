@@ -258,8 +258,12 @@ class Library:
         progress: Progress | None = None,
         on_warning: Callable[[str], None] | None = None,
     ) -> Any:
-        """Add texts: a corpus file (.txt, .jsonl, .csv), or a list of strings (each its own id, ``1``...)."""
-        from mmsearch.texts import add_texts
+        """Add texts: a corpus file (.txt, .jsonl, .csv), or a list of strings.
+
+        A string's id comes from its content (``text#HASH``), so adding the
+        same strings again changes nothing and another list never replaces them.
+        """
+        from mmsearch.texts import add_texts, text_key
 
         if isinstance(source, (str, Path)):
             file = Path(source)
@@ -270,6 +274,8 @@ class Library:
         with tempfile.TemporaryDirectory(prefix="mmsearch-texts-") as tmp:
             file = Path(tmp) / "texts.jsonl"
             file.write_text(
-                "".join(json.dumps({"id": str(i), "text": t}, ensure_ascii=False) + "\n" for i, t in enumerate(source, 1))
+                "".join(
+                    json.dumps({"id": text_key("text", t), "text": t}, ensure_ascii=False) + "\n" for t in source
+                )
             )
             return add_texts(self._home, file, progress=progress or False, on_warning=on_warning)

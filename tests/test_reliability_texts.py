@@ -55,3 +55,30 @@ def test_empty_lines_huge_line_and_duplicate_ids(tmp_path: Path, tiny_model: Pat
     assert stored_texts(home)["a"] == "third a"
     hits = runner.invoke(app, [*base, "search", "third a", "--texts", "-k", "5", "--json"])
     assert sorted(json.loads(line)["id"] for line in hits.stdout.splitlines()) == ["a", "h"]
+
+
+def test_sigkill_mid_corpus_keeps_committed_chunks_and_the_next_run_continues(tmp_path: Path, tiny_model: Path) -> None:
+    import signal
+
+    import faults
+    from mmsearch.check import check_home
+    from mmsearch.settings import resolve
+
+    home = tmp_path / "h"
+    base = ["--home", str(home), "--model", str(tiny_model), "--batch-size", "1"]  # chunks of 128 texts
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("".join(f"text number {i}\n" for i in range(300)))
+    child = faults.start([*base, "add-texts", "--quiet", str(corpus)], "in-transaction:3")
+    child.join(120)
+    assert child.exitcode == -signal.SIGKILL
+    kept = stored_texts(home)
+    assert len(kept) == 256  # two chunks committed, the third rolled back
+
+    result = runner.invoke(app, [*base, "add-texts", "--quiet", "--json", str(corpus)])
+    assert result.exit_code == 0, result.output
+    counts = json.loads(result.stdout)
+    assert (counts["added"], counts["unchanged"], counts["updated"]) == (44, 256, 0)
+    after = stored_texts(home)
+    assert len(after) == 300 and {k: after[k] for k in kept} == kept
+    report = check_home(resolve(home=home, model=str(tiny_model)))
+    assert report.ok and report.counts["text"] == {"catalog": 300, "index": 300}

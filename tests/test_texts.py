@@ -6,20 +6,25 @@ import pytest
 from mmsearch.errors import InputFileError
 from mmsearch.home import Home
 from mmsearch.settings import resolve
-from mmsearch.texts import add_texts, read_corpus
+from mmsearch.texts import add_texts, read_corpus, text_key
 
 
 def test_txt_jsonl_csv(tmp_path: Path):
     (tmp_path / "a.txt").write_text("first line\n\n  second line  \n")
     items, empty, dups = read_corpus(tmp_path / "a.txt")
-    assert [(i.key, i.text) for i in items] == [("a.txt:1", "first line"), ("a.txt:3", "second line")]
+    source = str((tmp_path / "a.txt").resolve())
+    assert [(i.key, i.text) for i in items] == [
+        (text_key(source, "first line"), "first line"), (text_key(source, "second line"), "second line")
+    ]
+    assert items[0].key.startswith("a.txt#") and len(items[0].key) == len("a.txt#") + 16
     assert (empty, dups) == (1, 0)
 
     lines = [{"id": "x", "text": "hello", "lang": "en"}, {"text": "no id"}, {"id": 7, "text": "num id"}]
     (tmp_path / "b.jsonl").write_text("\n".join(json.dumps(r) for r in lines) + "\n")
     items, _, _ = read_corpus(tmp_path / "b.jsonl")
     assert [(i.key, i.text, i.meta) for i in items] == [
-        ("x", "hello", {"lang": "en"}), ("b.jsonl:2", "no id", None), ("7", "num id", None)
+        ("x", "hello", {"lang": "en"}), (text_key(str((tmp_path / "b.jsonl").resolve()), "no id"), "no id", None),
+        ("7", "num id", None),
     ]
 
     (tmp_path / "c.csv").write_text('id,text,author\n1,"a, quoted text",ann\n2,plain,\n')
@@ -41,6 +46,8 @@ def test_duplicate_ids_keep_the_last(tmp_path: Path):
         ("bad.txt", b"fine\nstill fine\n\xff\xfe broken\n", "bad.txt:3: not valid UTF-8"),
         ("bad.csv", b"id,caption\n1,x\n", "needs a 'text' column"),
         ("bad.docx", b"whatever", "unsupported"),
+        ("surrogate.jsonl", b'{"text": "ok"}\n{"text": "half \\ud83d pair"}\n', "surrogate.jsonl:2: 'text' holds an unpaired"),
+        ("surrogate2.jsonl", b'{"text": "ok", "id": "\\udc80"}\n', "surrogate2.jsonl:1: 'id' holds an unpaired"),
     ],
 )
 def test_bad_corpora_name_the_line(tmp_path: Path, name: str, content: bytes, message: str):
@@ -88,3 +95,59 @@ def test_a_run_with_nothing_new_refreshes_a_stale_text_index(tmp_path: Path, tin
         report = add_texts(home, corpus, progress=False)
         assert report.unchanged == 2
     assert json.loads(sidecar.read_text())["generation"] == 1
+
+
+def test_repeated_ids_across_chunks_keep_the_last_and_a_re_add_changes_nothing(tmp_path: Path, tiny_model: Path):
+    corpus = tmp_path / "d.jsonl"
+    records = [{"id": "k", "text": "old"}] + [{"text": f"filler {i}"} for i in range(9)] + [{"id": "k", "text": "new"}]
+    records += [{"text": "filler 3"}]  # a repeated text without id, in another chunk
+    corpus.write_text("".join(json.dumps(r) + "\n" for r in records))
+    with Home.open(resolve(home=tmp_path / "home", model=str(tiny_model))) as home:
+        first = add_texts(home, corpus, progress=False, chunk=4)
+        assert (first.added, first.updated, first.duplicates) == (10, 0, 2)
+        ((_, text),) = home.catalog.text_states(["k"]).values()
+        assert text == "new"
+        generation = home.catalog.generation("text")
+        again = add_texts(home, corpus, progress=False, chunk=4)
+        assert (again.added, again.updated, again.unchanged, again.duplicates) == (0, 0, 10, 2)
+        assert home.catalog.generation("text") == generation
+
+
+def test_a_corpus_past_the_threshold_leaves_an_ivf_index(tmp_path: Path, tiny_model: Path, monkeypatch):
+    from mmsearch import index as index_mod
+    from mmsearch.index import VectorIndex, sidecar_is_current
+
+    monkeypatch.setattr(index_mod, "EXACT_MAX", 300)
+    corpus = tmp_path / "many.txt"
+    corpus.write_text("".join(f"caption number {i}\n" for i in range(200)))
+    settings = resolve(home=tmp_path / "home", model=str(tiny_model))
+    with Home.open(settings) as home:
+        add_texts(home, corpus, progress=False, chunk=64)
+        assert VectorIndex.load(settings.index_path("text")).index_type == "flat"
+        corpus.write_text("".join(f"caption number {i}\n" for i in range(700)))
+        report = add_texts(home, corpus, progress=False, chunk=64)
+        assert (report.added, report.unchanged) == (500, 200)
+        saved = VectorIndex.load(settings.index_path("text"))
+        assert saved.index_type == "ivf" and saved.count == 700
+        assert sidecar_is_current(settings.index_path("text"), home.catalog.generation("text"), home.dim,
+                                  home.spec.canonical)
+        assert sorted(saved.ids()) == sorted(home.catalog.ids("text"))
+
+
+def test_a_file_that_changes_during_the_run_is_an_error(tmp_path: Path, tiny_model: Path, monkeypatch):
+    import mmsearch.texts as texts
+
+    corpus = tmp_path / "grow.txt"
+    corpus.write_text("one\ntwo\n")
+    real_scan = texts.scan_corpus
+
+    def scan_then_append(path, progress=False):
+        scan = real_scan(path, progress)
+        with open(path, "a") as fh:
+            fh.write("three\n")
+        return scan
+
+    monkeypatch.setattr(texts, "scan_corpus", scan_then_append)
+    with Home.open(resolve(home=tmp_path / "home", model=str(tiny_model))) as home:
+        with pytest.raises(InputFileError, match="grow.txt changed while it was being added"):
+            add_texts(home, corpus, progress=False)
