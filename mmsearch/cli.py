@@ -201,12 +201,18 @@ def search(
         False, "--rerank", help="Re-score the best candidates with the model's cross-attention re-ranker."
     ),
     rerank_k: int = typer.Option(50, "--rerank-k", metavar="K", help="How many candidates --rerank re-scores."),
+    cutoff: Optional[str] = typer.Option(
+        None, "--cutoff", metavar="auto|NUMBER",
+        help="Leave out results whose relevance (calibrated, comparable across models) is below this; auto: the default threshold.",
+    ),
 ) -> None:
     """Find images (or with --texts, texts) by a text query and/or an example image."""
     from mmsearch.home import Home
     from mmsearch.runtime import prepare_model_access, set_torch_threads
+    from mmsearch.relevance import parse_cutoff
     from mmsearch.search import parse_query, search as run_search
 
+    threshold = parse_cutoff(cutoff)
     if rerank and rerank_k < 1:
         raise typer.BadParameter(f"must be at least 1, got {rerank_k}", param_hint="--rerank-k")
     text_only = image is None and bool(query) and all(term.image is None for term in parse_query(query or ""))
@@ -222,8 +228,11 @@ def search(
         home.before_model_load = before_model_load
         hits = run_search(
             home, query, image=image, target="text" if texts else "image", k=top_k,
-            rerank_k=rerank_k if rerank else 0,
+            rerank_k=rerank_k if rerank else 0, cutoff=threshold,
         )
+    if not hits and threshold is not None:
+        typer.echo("no good match", err=True)
+        return
     if as_json:
         for hit in hits:
             echo_json(hit.as_dict())
@@ -235,6 +244,40 @@ def search(
         shown = show_path(hit.path) if hit.path is not None else (hit.text or "")
         label = "" if hit.kind == "image" else f"[{hit.id}] "
         typer.echo(f"{hit.rank:>3}  {hit.score:6.3f}  {label}{shown}")
+
+
+@app.command()
+@handle_errors
+def duplicates(
+    ctx: typer.Context,
+    kind: str = typer.Option(
+        "near", "--kind", metavar="exact|near|similar",
+        help="exact: the same bytes; near: the same picture re-encoded, resized, cropped or recoloured; "
+        "similar: the same subject (a lower threshold).",
+    ),
+    threshold: Optional[float] = typer.Option(
+        None, "--threshold", metavar="T",
+        help="Cosine similarity a pair must reach (near and similar). Default: 0.95 near, 0.85 similar.",
+    ),
+    as_json: bool = typer.Option(False, "--json", help="One JSON object per group, best groups first."),
+) -> None:
+    """Find copies among the indexed images, as groups, best first."""
+    from mmsearch.duplicates import find_duplicates
+    from mmsearch.home import Home
+
+    with Home.open(settings_of(ctx), create=False) as home:
+        groups = find_duplicates(home, kind, threshold)
+    if as_json:
+        for group in groups:
+            echo_json(group.as_dict())
+        return
+    if not groups:
+        typer.echo(f"no {kind} duplicates", err=True)
+        return
+    for number, group in enumerate(groups, 1):
+        typer.echo(f"group {number}  {group.kind}  {group.score:.3f}  ({len(group.items)} images)")
+        for item_id, path in group.items:
+            typer.echo(f"    {item_id:>8}  {show_path(path)}")
 
 
 @app.command()

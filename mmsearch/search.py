@@ -124,12 +124,17 @@ def search(
     target: Kind = "image",
     k: int = 10,
     rerank_k: int = 0,
+    cutoff: float | None = None,
 ) -> list[Hit]:
     """The ``k`` best images (or texts) for a text query and/or an example image.
 
     With ``rerank_k``, the best ``rerank_k`` candidates are re-scored by the
-    model's cross-attention re-ranker (see :mod:`mmsearch.rerank`).
+    model's cross-attention re-ranker (see :mod:`mmsearch.rerank`). Every hit
+    carries a calibrated ``relevance`` (:mod:`mmsearch.relevance`); with
+    ``cutoff``, hits below it are left out (possibly all of them).
     """
+    from mmsearch.relevance import annotate, apply_cutoff
+
     if k < 1:
         raise UsageError(f"--top-k must be at least 1, got {k}")
     if home.catalog.count(target) == 0:
@@ -141,8 +146,11 @@ def search(
 
         vector, prepared = rerank_query(home, query, image, target)  # one encoder pass for both
         hits = nearest(home, vector, target, max(k, rerank_k))
-        return rerank_hits(home, prepared, target, hits, k, rerank_k)
-    return nearest(home, query_vector(home, query, image), target, k)
+        hits = rerank_hits(home, prepared, target, hits, k, rerank_k)
+    else:
+        vector = query_vector(home, query, image)
+        hits = nearest(home, vector, target, k)
+    return apply_cutoff(annotate(home, vector, hits, target), cutoff)
 
 
 def nearest(home: Home, vector: np.ndarray, target: Kind, k: int) -> list[Hit]:
