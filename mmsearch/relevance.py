@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     from mmsearch.search import Hit
 
 #: The threshold ``--cutoff auto`` applies (see docs/cutoff.md for how it was chosen).
-AUTO_CUTOFF = 4.0
+AUTO_CUTOFF = 2.5
 
 #: Stored vectors the query's score distribution is measured on: enough for a
 #: stable mean and spread, few enough to read from the catalog per query.
