@@ -257,7 +257,8 @@ def duplicates(
     ),
     threshold: Optional[float] = typer.Option(
         None, "--threshold", metavar="T",
-        help="Cosine similarity a pair must reach (near and similar). Default: 0.95 near, 0.85 similar.",
+        help="near: how alike two pictures' pixels must be (correlation, default 0.95); "
+        "similar: the cosine similarity of their vectors (default 0.85).",
     ),
     as_json: bool = typer.Option(False, "--json", help="One JSON object per group, best groups first."),
 ) -> None:

@@ -4,10 +4,15 @@
   catalog keeps, then confirmed by comparing the files byte for byte, so a file
   changed since it was indexed never lands in a group it no longer belongs to.
 - ``near``: the same picture re-encoded, resized, lightly cropped or
-  recoloured: pairs of stored vectors whose cosine similarity reaches a high
-  threshold.
-- ``similar``: pictures of the same scene or subject: the same with a lower
-  threshold.
+  recoloured. Candidate pairs come from the stored vectors (cosine
+  :data:`NEAR_CANDIDATES`); each is confirmed by its pixels: the best
+  normalised cross-correlation of small colour thumbnails of one image and of
+  crops of the other (brightness and contrast drop out of a correlation,
+  re-encoding and resizing barely change it, crops are tried). Embeddings
+  alone confuse distinct pictures of similar things and move too much under
+  crops and brightness changes; pixels alone would read every file.
+- ``similar``: pictures of the same scene or subject: stored vectors whose
+  cosine similarity reaches a lower threshold.
 
 Pairs come from a FAISS range search over the catalog's vectors (exact below
 :data:`EXACT_MAX`, an inverted-file index above it). Groups are formed around
@@ -37,8 +42,19 @@ if TYPE_CHECKING:
 DuplicateKind = Literal["exact", "near", "similar"]
 DUPLICATE_KINDS: tuple[DuplicateKind, ...] = ("exact", "near", "similar")
 
-#: Default cosine-similarity thresholds of the vector kinds (see docs/duplicates.md).
+#: Default thresholds (see docs/duplicates.md): near, the pixel correlation; similar, the vectors' cosine.
 THRESHOLDS: dict[str, float] = {"near": 0.95, "similar": 0.85}
+
+#: Cosine similarity of stored vectors at which a pair becomes a candidate near-duplicate.
+NEAR_CANDIDATES = 0.80
+
+#: Side of the thumbnails compared, and of the decoded picture they are cut from.
+THUMB, DECODED = 32, 64
+
+#: Crops of an image tried against the other: (share of each side kept, positions along each axis).
+ALIGNMENTS: tuple[tuple[float, tuple[float, ...]], ...] = (
+    (1.0, (0.0,)), *((scale, (0.0, 0.25, 0.5, 0.75, 1.0)) for scale in (0.96, 0.93, 0.9)),
+)
 
 #: Up to this many vectors, pairs come from an exact search; above, from an IVF index.
 EXACT_MAX = 20_000
@@ -132,14 +148,79 @@ def vector_groups(
     parts = list(home.catalog.iter_vectors("image", dim))
     ids = np.concatenate([p[0] for p in parts])
     vectors = np.ascontiguousarray(np.concatenate([p[1] for p in parts]), dtype=np.float32)
-    first, second, scores = similar_pairs(vectors, threshold)
+    first, second, scores = similar_pairs(vectors, NEAR_CANDIDATES if kind == "near" else threshold)
     paths = home.catalog.image_paths(ids.tolist())
     present = np.array([exists(paths.get(int(i), "")) for i in ids], dtype=bool)
     keep = present[first] & present[second]
+    if kind == "near":
+        first, second = first[keep], second[keep]
+        scores = pixel_similarity([paths[int(i)] for i in ids], first, second)
+        keep = scores >= threshold
     groups = []
     for members, score in leader_groups(len(ids), first[keep], second[keep], scores[keep]):
         groups.append(Group(kind, score, [(int(ids[m]), paths[int(ids[m])]) for m in members]))
     return groups
+
+
+def pixel_similarity(paths: list[str], first: np.ndarray, second: np.ndarray) -> np.ndarray:
+    """For each pair ``(paths[first[k]], paths[second[k]])``, how alike their pixels are.
+
+    The best normalised cross-correlation between one image's thumbnail and
+    the thumbnails of crops of the other, either way round (1: the same
+    picture up to brightness and contrast). A file that cannot be read scores -1.
+    Only the files of candidate pairs are decoded, each once.
+    """
+    pictures: dict[int, np.ndarray | None] = {}
+    for row in sorted(set(first.tolist()) | set(second.tolist())):
+        pictures[row] = _small_picture(paths[row])
+    whole = {row: _views(pic, whole_only=True)[0] for row, pic in pictures.items() if pic is not None}
+    scores = np.full(len(first), -1.0, dtype=np.float32)
+    by_row: dict[int, list[int]] = defaultdict(list)
+    for k, (a, b) in enumerate(zip(first.tolist(), second.tolist())):
+        if a in whole and b in whole:
+            by_row[a].append(k)
+            by_row[b].append(k)
+    for row, pairs in by_row.items():
+        views = _views(pictures[row])  # type: ignore[arg-type]
+        others = [int(second[k]) if int(first[k]) == row else int(first[k]) for k in pairs]
+        best = (np.stack([whole[o] for o in others]) @ views.T).max(axis=1)
+        scores[pairs] = np.maximum(scores[pairs], best)
+    return scores
+
+
+def _small_picture(path: str) -> np.ndarray | None:
+    """The picture as mmsearch decodes it (oriented, over white), squeezed to DECODED² pixels."""
+    from PIL import Image
+
+    from mmsearch.decode import load_image
+
+    try:
+        img = load_image(path, DECODED)
+    except Exception:  # a file changed or damaged since indexing: no pair with it
+        return None
+    return np.asarray(img.resize((DECODED, DECODED), Image.BILINEAR), dtype=np.float32)
+
+
+def _views(picture: np.ndarray, whole_only: bool = False) -> np.ndarray:
+    """Mean-centred unit-norm thumbnails of the picture and of its crops (:data:`ALIGNMENTS`), one per row.
+
+    The first row is the whole picture; ``whole_only`` makes only that one.
+    """
+    from PIL import Image
+
+    img = Image.fromarray(picture.astype(np.uint8))
+    side = float(DECODED)
+    out = []
+    for scale, positions in ALIGNMENTS[:1] if whole_only else ALIGNMENTS:
+        cut = side * scale
+        for fx in positions:
+            for fy in positions:
+                x, y = (side - cut) * fx, (side - cut) * fy
+                box = (x, y, x + cut, y + cut)
+                view = np.asarray(img.resize((THUMB, THUMB), Image.BILINEAR, box=box), dtype=np.float32).ravel()
+                view = view - view.mean()
+                out.append(view / (np.linalg.norm(view) + 1e-6))
+    return np.stack(out)
 
 
 def similar_pairs(vectors: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -161,7 +242,7 @@ def similar_pairs(vectors: np.ndarray, threshold: float) -> tuple[np.ndarray, np
         index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, nlist, faiss.METRIC_INNER_PRODUCT)
         sample = vectors[np.random.default_rng(0).choice(n, min(n, 40 * nlist), replace=False)]
         index.train(sample)
-        index.nprobe = 8
+        index.nprobe = 2
     index.add(vectors)
     # range_search keeps scores strictly above the radius; step just below it to keep ties
     radius = float(np.nextafter(np.float32(threshold), np.float32(-2.0)))

@@ -124,3 +124,31 @@ def test_leader_groups_do_not_chain():
     star = leader_groups(4, np.array([0, 0, 0]), np.array([1, 2, 3]), np.array([0.99, 0.96, 0.98]))
     assert star == [([0, 1, 3, 2], pytest.approx(0.96))]
     assert leader_groups(3, np.zeros(0, int), np.zeros(0, int), np.zeros(0)) == []
+
+
+def test_pixel_similarity_sees_through_reencoding_brightness_and_crops_not_other_pictures(tmp_path):
+    from PIL import Image, ImageEnhance
+
+    from mmsearch.duplicates import pixel_similarity
+
+    images = sorted(Path(__file__).resolve().parent.parent.glob("data/twemoji/images/*.png"))
+    source, other = images[10], images[200]
+    img = Image.open(source).convert("RGBA")
+    flat = Image.alpha_composite(Image.new("RGBA", img.size, "white"), img).convert("RGB")
+    w, h = flat.size
+    variants = {
+        "jpeg60.jpg": flat,
+        "darker.png": ImageEnhance.Brightness(flat).enhance(0.75),
+        "crop.png": flat.crop((3, 2, w - 2, h - 3)),
+        "small.png": flat.resize((w // 2, h // 2)),
+    }
+    paths = [str(source)]
+    for name, picture in variants.items():
+        picture.save(tmp_path / name, quality=60)
+        paths.append(str(tmp_path / name))
+    paths += [str(other), str(tmp_path / "missing.png")]
+    first = np.zeros(len(paths) - 1, dtype=np.int64)
+    second = np.arange(1, len(paths))
+    scores = pixel_similarity(paths, first, second)
+    assert (scores[:4] >= 0.95).all(), scores
+    assert scores[4] < 0.9 and scores[5] == -1.0
