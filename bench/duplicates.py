@@ -184,7 +184,7 @@ def thumbnails(path: Path, size: int = 32) -> np.ndarray:
     return np.stack(out)
 
 
-def pixel_similarity(files: list[Path]) -> np.ndarray:
+def all_pairs_pixels(files: list[Path]) -> np.ndarray:
     """All-pairs best normalised cross-correlation of one image with crops of the other, either way round."""
     views = np.stack([thumbnails(p) for p in files])
     n, nv, d = views.shape
@@ -250,7 +250,7 @@ def quality(args: argparse.Namespace, workdir: Path) -> None:
             print(f"| both: cosine ≥ and Hamming ≤ | {t:.2f}, {d} | {p:.3f} | {r:.3f} | "
                   f"{len(predicted & similar_concepts)} |")
 
-        ncc = pixel_similarity(files)
+        ncc = all_pairs_pixels(files)
         for t in (0.90, 0.92, 0.94, 0.95, 0.96, 0.97):
             i, j = np.nonzero(np.triu(ncc >= t, 1))
             predicted = set(zip(i.tolist(), j.tolist()))
