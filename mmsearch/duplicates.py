@@ -154,7 +154,7 @@ def vector_groups(
     keep = present[first] & present[second]
     if kind == "near":
         first, second = first[keep], second[keep]
-        scores = pixel_similarity([paths[int(i)] for i in ids], first, second)
+        scores = pixel_similarity([paths.get(int(i), "") for i in ids], first, second)
         keep = scores >= threshold
     groups = []
     for members, score in leader_groups(len(ids), first[keep], second[keep], scores[keep]):

@@ -29,7 +29,7 @@ AUTO_CUTOFF = 2.5
 
 #: Stored vectors the query's score distribution is measured on: enough for a
 #: stable mean and spread, few enough to read from the catalog per query.
-BACKGROUND_SIZE = 2048
+BACKGROUND_SIZE = 1024
 
 #: The spread never counts as smaller than this: in a tiny or uniform collection
 #: a spread near zero would turn a tiny score difference into a huge relevance.
@@ -57,9 +57,7 @@ def background(home: "Home", target: Kind) -> np.ndarray:
     dim = home.dim
     if dim is None:
         return np.zeros((0, 1), dtype=np.float32)
-    ids = home.catalog.ids(target)
-    if len(ids) > BACKGROUND_SIZE:
-        ids = np.sort(np.random.default_rng(0).choice(ids, BACKGROUND_SIZE, replace=False))
+    ids = home.catalog.sample_ids(target, BACKGROUND_SIZE)
     by_id = home.catalog.vectors(target, ids.tolist(), dim)
     if not by_id:
         return np.zeros((0, dim), dtype=np.float32)

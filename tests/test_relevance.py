@@ -97,3 +97,28 @@ def test_texts_get_relevance_too(base, photo_dir, tmp_path):
     run(*base, "add-texts", corpus, "-q")
     hits = [json.loads(x) for x in run(*base, "search", "a green thing", "--texts", "--json").stdout.splitlines()]
     assert hits[0]["text"] == "a green thing" and hits[0]["relevance"] == max(h["relevance"] for h in hits)
+
+
+def test_background_sample_is_fixed_and_bounded(tmp_path, monkeypatch):
+    import mmsearch.relevance as rel
+    from mmsearch.decode import content_hash
+    from mmsearch.home import Home
+    from mmsearch.settings import resolve
+
+    with Home.open(resolve(home=tmp_path / "h", model="local-dir:/nowhere")) as home:
+        home.catalog.set_meta({"model": home.spec.canonical, "dim": "4"})
+        vectors = np.eye(4, dtype=np.float32)[np.arange(50) % 4]
+        home.catalog.write_images([
+            {"path": f"/p/{i}", "size": 0, "mtime_ns": 0, "content_hash": content_hash(bytes([i])),
+             "width": 1, "height": 1, "vector": vectors[i]} for i in range(50)
+        ], [])
+        ids = home.catalog.sample_ids("image", 20)
+        assert len(ids) == 20 and list(ids) == sorted(set(ids.tolist())) and set(ids.tolist()) <= set(range(1, 51))
+        assert (home.catalog.sample_ids("image", 20) == ids).all()
+        assert len(home.catalog.sample_ids("image", 100)) == 50
+        home.catalog.write_images([], [], removed_ids=list(range(1, 41)))  # gaps: only ids 41..50 remain
+        assert home.catalog.sample_ids("image", 5).tolist() == sorted(home.catalog.sample_ids("image", 5).tolist())
+        assert set(home.catalog.sample_ids("image", 5).tolist()) <= set(range(41, 51))
+        assert home.catalog.sample_ids("image", 20).tolist() == list(range(41, 51))
+        monkeypatch.setattr(rel, "BACKGROUND_SIZE", 5)
+        assert rel.background(home, "image").shape == (5, 4)
