@@ -235,8 +235,18 @@ def search(
         False, "--rerank", help="Re-score the best candidates with the model's cross-attention re-ranker."
     ),
     rerank_k: int = typer.Option(50, "--rerank-k", metavar="K", help="How many candidates --rerank re-scores."),
+    cutoff: Optional[str] = typer.Option(
+        None, "--cutoff", metavar="auto|NUMBER",
+        help="Leave out results whose relevance (calibrated, comparable across models) is below this; auto: the default threshold.",
+    ),
 ) -> None:
     """Find images (or with --texts, texts) by a text query and/or an example image."""
+    from mmsearch.relevance import parse_cutoff
+
+    try:
+        threshold = parse_cutoff(cutoff)
+    except UsageError as exc:
+        raise UsageError(f"--{exc}") from None
     if rerank and rerank_k < 1:
         raise typer.BadParameter(f"must be at least 1, got {rerank_k}", param_hint="--rerank-k")
     if top_k < 1:
@@ -250,10 +260,15 @@ def search(
     settings = settings_of(ctx)
     if image is None and query is not None and (not rerank or rerank_k == DEFAULT_RERANK_K):
         params = {"q": query, "k": top_k, "texts": int(texts), "rerank": int(rerank), "raw": 1}
+        if threshold is not None:
+            params["cutoff"] = repr(threshold)
         answer = _from_server(settings, "/api/search", params, names_no_file=query)
         if answer is not None:
             for message in answer.get("warnings", ()):
                 warn(one_line(message))
+            if not answer["results"] and threshold is not None:
+                typer.echo("no good match", err=True)
+                return
             _print_served_hits(answer["results"], as_json)
             return
     from mmsearch.library import Library
@@ -272,8 +287,11 @@ def search(
     with Library.open(settings, create=False, before_model_load=before_model_load) as library:
         hits = library.search(
             query, image=image, target="text" if texts else "image", k=top_k,
-            rerank_k=rerank_k if rerank else 0, on_warning=lambda message: warn(one_line(message)),
+            rerank_k=rerank_k if rerank else 0, on_warning=lambda message: warn(one_line(message)), cutoff=threshold,
         )
+    if not hits and threshold is not None:
+        typer.echo("no good match", err=True)
+        return
     if as_json:
         for hit in hits:
             echo_json(hit.as_dict())
@@ -338,6 +356,41 @@ def _print_served_hits(rows: list[dict[str, Any]], as_json: bool) -> None:
         shown = show_path(row["path"]) if is_image else one_line(row.get("text") or "")
         label = "" if is_image else f"[{row['id']}] "
         typer.echo(f"{row['rank']:>3}  {row['score_raw']:6.3f}  {label}{shown}")
+
+
+@app.command()
+@handle_errors
+def duplicates(
+    ctx: typer.Context,
+    kind: str = typer.Option(
+        "near", "--kind", metavar="exact|near|similar",
+        help="exact: the same bytes; near: the same picture re-encoded, resized, cropped or recoloured; "
+        "similar: the same subject (a lower threshold).",
+    ),
+    threshold: Optional[float] = typer.Option(
+        None, "--threshold", metavar="T",
+        help="near: how alike two pictures' pixels must be (correlation, default 0.95); "
+        "similar: the cosine similarity of their vectors (default 0.85).",
+    ),
+    as_json: bool = typer.Option(False, "--json", help="One JSON object per group, best groups first."),
+) -> None:
+    """Find copies among the indexed images, as groups, best first."""
+    from mmsearch.duplicates import find_duplicates
+    from mmsearch.home import Home
+
+    with Home.open(settings_of(ctx), create=False) as home:
+        groups = find_duplicates(home, kind, threshold)
+    if as_json:
+        for group in groups:
+            echo_json(group.as_dict())
+        return
+    if not groups:
+        typer.echo(f"no {kind} duplicates", err=True)
+        return
+    for number, group in enumerate(groups, 1):
+        typer.echo(f"group {number}  {group.kind}  {group.score:.3f}  ({len(group.items)} images)")
+        for item_id, path in group.items:
+            typer.echo(f"    {item_id:>8}  {show_path(path)}")
 
 
 @app.command()

@@ -183,6 +183,7 @@ class Library:
         rerank_k: int = 0,
         files: bool = True,
         on_warning: Callable[[str], None] | None = None,
+        cutoff: float | None = None,
     ) -> list["Hit"]:
         """The ``k`` best images (``target="image"``) or texts for a text query and/or an example image.
 
@@ -191,6 +192,8 @@ class Library:
         (what a server passes: it never opens a path a client names).
         ``rerank_k`` > 0 re-scores that many candidates with the re-ranker.
         ``on_warning`` hears of query text cut to the model's context.
+        Every hit has a calibrated ``relevance``; ``cutoff`` leaves out those
+        below it (:mod:`mmsearch.relevance`).
         """
         from mmsearch.search import search
 
@@ -200,7 +203,7 @@ class Library:
         index = self.index(target) if self.count(target) else None
         return search(
             self._home, query, image=image, target=target, k=k, rerank_k=rerank_k, files=files,
-            index=index, on_warning=on_warning,
+            index=index, on_warning=on_warning, cutoff=cutoff,
         )
 
     def similar(self, image_id: int, k: int = 10) -> list["Hit"]:

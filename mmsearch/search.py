@@ -91,15 +91,20 @@ def search(
     on_warning: Callable[[str], None] | None = None,
     files: bool = True,
     index: "VectorIndex | None" = None,
+    cutoff: float | None = None,
 ) -> list[Hit]:
     """The ``k`` best images (or texts) for a text query and/or an example image.
 
     With ``rerank_k``, the best ``rerank_k`` candidates are re-scored by the
-    model's cross-attention re-ranker (see :mod:`mmsearch.rerank`).
+    model's cross-attention re-ranker (see :mod:`mmsearch.rerank`). Every hit
+    carries a calibrated ``relevance`` (:mod:`mmsearch.relevance`); with
+    ``cutoff``, hits below it are left out (possibly all of them).
     ``on_warning`` hears of query text cut to the model's context.
     ``files=False`` reads no query term as an image path. A long-lived caller
     (:class:`mmsearch.library.Library`) passes the ``index`` it keeps.
     """
+    from mmsearch.relevance import annotate, apply_cutoff
+
     if k < 1:
         raise UsageError(f"k must be at least 1, got {k}")
     if home.catalog.count(target) == 0:
@@ -114,8 +119,11 @@ def search(
     if rerank_k > 0:
         vector, prepared = rerank_query(home, query, image, target, files=files)  # one encoder pass for both
         hits = nearest(home, vector, target, max(k, rerank_k), index=index)
-        return rerank_hits(home, prepared, target, hits, k, rerank_k)
-    return nearest(home, query_vector(home, query, image, files=files), target, k, index=index)
+        hits = rerank_hits(home, prepared, target, hits, k, rerank_k)
+    else:
+        vector = query_vector(home, query, image, files=files)
+        hits = nearest(home, vector, target, k, index=index)
+    return apply_cutoff(annotate(home, vector, hits, target), cutoff)
 
 
 def nearest(home: Home, vector: np.ndarray, target: Kind, k: int, *, index: "VectorIndex | None" = None) -> list[Hit]:

