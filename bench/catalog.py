@@ -22,7 +22,8 @@ import numpy as np
 from _common import Timer, clustered_vectors, machine, percentiles, table
 
 from mmsearch.decode import content_hash
-from mmsearch.store import Catalog, _Checkpointer
+from mmsearch.sqlite_backend import Checkpointer
+from mmsearch.store import Catalog
 
 
 def rows_for(vectors: np.ndarray, start: int) -> list[dict]:
@@ -35,7 +36,7 @@ def rows_for(vectors: np.ndarray, start: int) -> list[dict]:
     ]
 
 
-def plain_insert(conn: sqlite3.Connection, rows: list[dict], checkpointer: _Checkpointer) -> float:
+def plain_insert(conn: sqlite3.Connection, rows: list[dict], checkpointer: Checkpointer) -> float:
     """Seconds for plain `sqlite3` to insert ``rows`` (tuples built beforehand) in one transaction,
     with the WAL checkpointed in the background as the catalog does it."""
     tuples = [(r["path"], r["size"], r["mtime_ns"], r["content_hash"], r["width"], r["height"],
@@ -71,7 +72,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp, Catalog.open(Path(tmp) / "catalog.sqlite3") as catalog, \
             Catalog.open(Path(tmp) / "float32-rows.sqlite3") as other:
         plain = plain_connection(Path(tmp) / "plain.sqlite3")
-        plain_checkpoints = _Checkpointer(Path(tmp) / "plain.sqlite3")
+        plain_checkpoints = Checkpointer(Path(tmp) / "plain.sqlite3")
         # Bulk: 10,000-row transactions into three catalogs in turn, each
         # getting the same rows: as `index` and `add-texts` write them (vectors
         # already in the catalog's dtype; the pipeline casts each batch once,

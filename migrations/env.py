@@ -3,7 +3,7 @@
 from alembic import context
 from sqlalchemy import engine_from_config, pool
 
-from mmsearch.store import Base
+from mmsearch.schema import Base
 
 config = context.config
 target_metadata = Base.metadata

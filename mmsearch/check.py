@@ -19,7 +19,9 @@ from sqlalchemy import func, select, text
 
 from mmsearch.home import Home
 from mmsearch.settings import Settings
-from mmsearch.store import KINDS, TABLES, ImageRow, Kind, path_from_db, read_only_error
+from mmsearch.codecs import path_from_db
+from mmsearch.schema import KINDS, TABLES, ImageRow, Kind
+from mmsearch.sqlite_backend import read_only_error
 
 #: ``error``: the catalog itself is damaged (repair cannot fix it);
 #: ``fixable``: an index differs from the catalog (``--repair`` rebuilds it);

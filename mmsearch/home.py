@@ -11,7 +11,7 @@ import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from mmsearch import modelid, modelspec
 from mmsearch.errors import (
@@ -22,7 +22,9 @@ from mmsearch.errors import (
     ModelUnavailableError,
 )
 from mmsearch.settings import DEFAULT_MODEL, Settings
-from mmsearch.store import KINDS, READ_ONLY_ERRNOS, Catalog, Kind, read_only_error
+from mmsearch.schema import KINDS, Kind
+from mmsearch.sqlite_backend import READ_ONLY_ERRNOS, read_only_error
+from mmsearch.store import Catalog
 
 if TYPE_CHECKING:
     from mmsearch.encode import Encoder
@@ -39,6 +41,9 @@ class Home:
         #: Called with the spec just before the model loads: a front end's hook for its
         #: once-per-process set-up (see mmsearch.runtime.prepare_model_access).
         self.before_model_load: Callable[[modelspec.ModelSpec], None] | None = None
+        #: Values derived from the catalog that a long-lived holder keeps between
+        #: queries, each stored with the generation it was derived from.
+        self.derived: dict[tuple[str, str], tuple[int, Any]] = {}
         #: the model's spec as the home's files (index sidecars) name it, where that is
         #: not :attr:`spec` (a moved model on a home that cannot be written)
         self._label: str | None = None

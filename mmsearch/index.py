@@ -18,7 +18,8 @@ from typing import Any, Callable
 import numpy as np
 
 from mmsearch.errors import IndexCorruptError
-from mmsearch.store import Catalog, Kind
+from mmsearch.schema import Kind
+from mmsearch.store import Catalog
 
 #: Index types this module can build. ``flat`` is exact inner product; ``ivf``
 #: is an inverted-file index (k-means cells, the ``nprobe`` nearest cells are

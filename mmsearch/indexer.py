@@ -29,7 +29,8 @@ import numpy as np
 from mmsearch.decode import Decoded, Skipped, decode_file, decode_many, enable_heif
 from mmsearch.discover import FileEntry, check_roots, walk
 from mmsearch.home import Home
-from mmsearch.store import ImageState, under_any
+from mmsearch.schema import ImageState
+from mmsearch.store import under_any
 
 SkipHandler = Callable[[str, str], None]
 

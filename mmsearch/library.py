@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from mmsearch.errors import UsageError
 from mmsearch.settings import Settings, resolve
-from mmsearch.store import Kind
+from mmsearch.schema import Kind
 
 if TYPE_CHECKING:
     from mmsearch.encode import Encoder

@@ -19,7 +19,7 @@ from mmsearch.decode import decode_failure, enable_heif, load_image
 from mmsearch.discover import is_image_name
 from mmsearch.errors import InputFileError, UsageError
 from mmsearch.files import FileRefused, describe_os_error, not_a_file
-from mmsearch.store import Kind
+from mmsearch.schema import Kind
 
 if TYPE_CHECKING:
     from PIL import Image

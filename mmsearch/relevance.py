@@ -22,7 +22,7 @@ from mmsearch.errors import UsageError
 if TYPE_CHECKING:  # the CLI parses a cutoff before anything heavy is imported
     from mmsearch.home import Home
     from mmsearch.query import Hit
-    from mmsearch.store import Kind
+    from mmsearch.schema import Kind
 
 #: The threshold ``--cutoff auto`` applies (see docs/cutoff.md for how it was chosen).
 AUTO_CUTOFF = 2.5
@@ -53,15 +53,26 @@ def parse_cutoff(value: str | float | None) -> float | None:
 
 
 def background(home: "Home", target: Kind) -> np.ndarray:
-    """A fixed sample (the same ids for the same catalog) of the stored vectors of ``target``."""
+    """A fixed sample (the same ids for the same catalog) of the stored vectors of ``target``.
+
+    Kept with the open home until the catalog's generation of ``target``
+    changes, so a long-lived process reads it once, not per query.
+    """
     dim = home.dim
     if dim is None:
         return np.zeros((0, 1), dtype=np.float32)
+    generation = home.catalog.generation(target)
+    cached = home.derived.get(("relevance-background", target))
+    if cached is not None and cached[0] == generation:
+        return cached[1]
     ids = home.catalog.sample_ids(target, BACKGROUND_SIZE)
     by_id = home.catalog.vectors(target, ids.tolist(), dim)
     if not by_id:
-        return np.zeros((0, dim), dtype=np.float32)
-    return np.stack(list(by_id.values())).astype(np.float32, copy=False)
+        sample = np.zeros((0, dim), dtype=np.float32)
+    else:
+        sample = np.stack(list(by_id.values())).astype(np.float32, copy=False)
+    home.derived[("relevance-background", target)] = (generation, sample)
+    return sample
 
 
 def relevance(scores: np.ndarray, vector: np.ndarray, sample: np.ndarray) -> np.ndarray:

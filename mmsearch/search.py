@@ -19,7 +19,7 @@ import numpy as np
 from mmsearch.errors import EmptyIndexError, UsageError
 from mmsearch.home import Home
 from mmsearch.query import Hit, ImageInput, Term, check_query_image, open_query_image, parse_query
-from mmsearch.store import Kind
+from mmsearch.schema import Kind
 
 if TYPE_CHECKING:
     from mmsearch.encode import Encoder

@@ -1,6 +1,9 @@
-"""Store stage: the SQLite catalog, the source of truth for what every vector is.
+"""Store stage: the catalog, the source of truth for what every vector is.
 
-Tables are typed SQLAlchemy 2 models; Alembic migrations in ``migrations/``
+Its tables are in :mod:`mmsearch.schema`, how paths and vectors are stored in
+:mod:`mmsearch.codecs`, and what is particular to SQLite (pragmas, read-only
+opening, the background checkpointer) in :mod:`mmsearch.sqlite_backend`; this module
+holds the :class:`Catalog` and its bulk SQL. Alembic migrations in ``migrations/``
 are applied when the catalog opens. Vectors live here too, so the FAISS index
 can always be rebuilt from the catalog alone: float16 blobs in catalogs made
 since revision 0004 (half the bytes; cosine scores of 512-d unit vectors move
@@ -12,30 +15,20 @@ will hold.
 
 from __future__ import annotations
 
-import errno
 import json
 import operator
-import os
-import re
 import sqlite3
-import threading
 import time
-import urllib.parse
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from itertools import repeat
 from pathlib import Path
-from typing import Any, Literal, NamedTuple
+from typing import Any
 
 import numpy as np
 from sqlalchemy import (
-    LargeBinary,
-    MetaData,
     bindparam,
-    String,
-    create_engine,
     delete,
-    event,
     func,
     insert,
     select,
@@ -43,329 +36,24 @@ from sqlalchemy import (
 )
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import DBAPIError
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
+from mmsearch.codecs import CAST_BLOCK, VECTOR_DTYPES, from_blobs, path_from_db, path_to_db, row_views, with_db_paths
 from mmsearch.errors import CatalogError, ReadOnlyHomeError
-
-Kind = Literal["image", "text"]
-KINDS: tuple[Kind, ...] = ("image", "text")
-
-NAMING_CONVENTION = {
-    "ix": "ix_%(column_0_label)s",
-    "uq": "uq_%(table_name)s_%(column_0_name)s",
-    "ck": "ck_%(table_name)s_%(constraint_name)s",
-    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
-    "pk": "pk_%(table_name)s",
-}
-
-
-class Base(DeclarativeBase):
-    metadata = MetaData(naming_convention=NAMING_CONVENTION)
-
-
-class Meta(Base):
-    """Key/value facts about the home: model spec, vector dimension, generation."""
-
-    __tablename__ = "meta"
-
-    key: Mapped[str] = mapped_column(String, primary_key=True)
-    value: Mapped[str] = mapped_column(String)
-
-
-class ImageRow(Base):
-    """One indexed image file; ``id`` is its FAISS id."""
-
-    __tablename__ = "images"
-    # ids are never reused, so a stale FAISS entry can never point at a new file
-    __table_args__ = {"sqlite_autoincrement": True}
-
-    id: Mapped[int] = mapped_column(primary_key=True)
-    path: Mapped[str] = mapped_column(String, unique=True)
-    size: Mapped[int]
-    mtime_ns: Mapped[int]
-    # not indexed: random keys made every bulk insert rewrite the index (migration 0005)
-    content_hash: Mapped[str] = mapped_column(String)
-    width: Mapped[int]
-    height: Mapped[int]
-    vector: Mapped[bytes] = mapped_column(LargeBinary)
-    indexed_at: Mapped[float]
-
-
-class TextRow(Base):
-    """One text of a corpus; ``id`` is its FAISS id, ``key`` the user's id."""
-
-    __tablename__ = "texts"
-    __table_args__ = {"sqlite_autoincrement": True}
-
-    id: Mapped[int] = mapped_column(primary_key=True)
-    key: Mapped[str] = mapped_column(String, unique=True)
-    text: Mapped[str] = mapped_column(String)
-    source: Mapped[str] = mapped_column(String)
-    meta: Mapped[str | None] = mapped_column(String, nullable=True)
-    vector: Mapped[bytes] = mapped_column(LargeBinary)
-    indexed_at: Mapped[float]
-
-
-class SkippedRow(Base):
-    """A file that could not be decoded, remembered so an unchanged one is not read again."""
-
-    __tablename__ = "skipped"
-
-    path: Mapped[str] = mapped_column(String, primary_key=True)
-    size: Mapped[int]
-    mtime_ns: Mapped[int]
-    reason: Mapped[str] = mapped_column(String)
-
-
-TABLES: dict[Kind, type[ImageRow] | type[TextRow]] = {"image": ImageRow, "text": TextRow}
-
-
-class ImageState(NamedTuple):
-    """What the catalog knows of a file, enough to tell whether it changed.
-
-    A named tuple: the unchanged check builds one per catalogued file, and a
-    frozen dataclass cost ~5x as much to make.
-    """
-
-    id: int
-    size: int
-    mtime_ns: int
-    content_hash: str
-
-
-#: How a catalog may store its vectors (``meta.vector_dtype``), as little-endian numpy dtypes.
-VECTOR_DTYPES = {"float16": np.dtype("<f2"), "float32": np.dtype("<f4")}
-
-
-#: Rows a write converts to the catalog's dtype at a time (see :meth:`Catalog._blobs`).
-_CAST_BLOCK = 1024
-
-
-def _row_views(block: np.ndarray) -> Iterator[memoryview]:
-    """Each row of a C-contiguous 2-d array as a view of its bytes."""
-    data, width = memoryview(block).cast("B"), block.itemsize * block.shape[1]
-    for start in range(0, len(data), width):
-        yield data[start:start + width]
-
-
-def from_blobs(blobs: Sequence[bytes], dim: int, dtype: np.dtype = VECTOR_DTYPES["float32"]) -> np.ndarray:
-    """``(len(blobs), dim)`` float32 vectors from blobs of ``dtype`` values."""
-    if not blobs:
-        return np.zeros((0, dim), dtype=np.float32)
-    size = dim * np.dtype(dtype).itemsize
-    bad = sum(len(blob) != size for blob in blobs)
-    if bad:
-        raise CatalogError(
-            f"{bad} stored vectors are not {dim} {np.dtype(dtype).name} values: the catalog is damaged "
-            "(`mmsearch check` reports it)"
-        )
-    return np.frombuffer(b"".join(blobs), dtype=dtype).reshape(len(blobs), dim).astype(np.float32)
-
-
-# -- file paths in the catalog ------------------------------------------------
-# A POSIX file name is bytes; Python shows the bytes that are not UTF-8 as lone
-# surrogates (U+DC80..U+DCFF), which SQLite text cannot hold. The catalog stores
-# each such byte as NUL + two hex digits: NUL never occurs in a path, so the
-# mapping is reversible, and every UTF-8 path is stored unchanged.
-_ESCAPED_BYTE = re.compile("\x00([0-9a-f]{2})")
-
-
-def path_to_db(path: str) -> str:
-    """The catalog's text for a file path (see above)."""
-    if path.isascii():  # the common case, and a constant-time check
-        return path
-    try:
-        path.encode("utf-8")
-        return path
-    except UnicodeEncodeError:
-        return "".join(f"\x00{ord(c) - 0xDC00:02x}" if "\udc80" <= c <= "\udcff" else c for c in path)
-
-
-def path_from_db(text: str) -> str:
-    """The file path (as ``os`` functions take it) of the catalog's text."""
-    if "\x00" not in text:
-        return text
-    return _ESCAPED_BYTE.sub(lambda m: chr(0xDC00 + int(m.group(1), 16)), text)
-
-
-_PATH, _VECTOR = operator.itemgetter("path"), operator.itemgetter("vector")
-
-
-def _with_db_paths(rows: Sequence[dict[str, Any]]) -> Sequence[dict[str, Any]]:
-    """The rows, with each ``path`` as the catalog's text (a copy of a row only where that differs)."""
-    if all(map(str.isascii, map(_PATH, rows))):  # the common case, ~30 ns a row
-        return rows
-    return [row if path_to_db(row["path"]) is row["path"] else {**row, "path": path_to_db(row["path"])} for row in rows]
-
-
-def _set_sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
-    cursor = dbapi_connection.cursor()
-    # Large pages keep a 2 KiB vector blob inside its row instead of overflow
-    # pages: bulk inserts of 512-d rows run ~3x faster. Only takes effect when
-    # the database file is created; existing catalogs keep their page size.
-    cursor.execute("PRAGMA page_size=32768")
-    # 64 MiB of page cache instead of SQLite's 2 MiB (62 such pages). It made
-    # bulk inserts ~12% faster while content hashes were indexed; since that
-    # index is gone (migration 0005) inserts run the same with 2 MiB (81-86k
-    # vs 80-90k rows/s, plain sqlite3, alternating). Kept for the reads of a
-    # large catalog; pages are allocated only when used.
-    cursor.execute("PRAGMA cache_size=-65536")
-    cursor.execute("PRAGMA journal_mode=WAL")
-    cursor.execute("PRAGMA synchronous=NORMAL")
-    # A catalog's writes are copied from the WAL into the database by its
-    # checkpointer thread (see _Checkpointer); a commit copies them itself
-    # only once the WAL passes 256 MiB (8,192 pages of 32 KiB; SQLite's
-    # default is 1,000 pages), should that thread fall behind.
-    cursor.execute("PRAGMA wal_autocheckpoint=8192")
-    cursor.execute("PRAGMA busy_timeout=30000")
-    cursor.execute("PRAGMA foreign_keys=ON")
-    cursor.close()
-
-
-def make_engine(path: Path) -> Engine:
-    engine = create_engine(f"sqlite:///{path}", future=True)
-    event.listen(engine, "connect", _set_sqlite_pragmas)
-    return engine
-
-
-#: What ``open(2)`` says where a file may not be written, though it exists.
-READ_ONLY_ERRNOS = frozenset({errno.EROFS, errno.EACCES, errno.EPERM})
-
-
-def read_only_error(home: Path) -> ReadOnlyHomeError:
-    """The one line a writing command gets on a home it cannot write."""
-    return ReadOnlyHomeError(
-        f"{home} is read-only; search, status and check work there, "
-        "but index, add-texts and check --repair need a home you can write to"
-    )
-
-
-def may_write(path: Path) -> bool:
-    """Whether this process can write the catalog at ``path`` and create files beside it.
-
-    ``access(2)`` answers for the real user and says EROFS on read-only
-    media even to root, who is otherwise allowed everything.
-    """
-    return os.access(path.parent, os.W_OK) and (not path.exists() or os.access(path, os.W_OK))
-
-
-def make_readonly_engine(path: Path) -> Engine:
-    """An engine that only reads the catalog at ``path``, on a folder it cannot write.
-
-    A WAL database needs its ``-shm`` file, which SQLite creates on open and
-    cannot where the folder is read-only: plain and ``mode=ro`` opens then fail
-    with "unable to open database file". With no ``-wal``/``-shm`` left (every
-    writer closed cleanly), the database file alone holds everything, and
-    ``immutable=1`` reads it without those files or any locks. Where a ``-wal``
-    remains (a writer still open, or killed), its commits are not in the
-    database file yet, so it is read with ``mode=ro``, which uses an existing
-    ``-shm`` read-only.
-    """
-    sidecars = [Path(f"{path}-wal"), Path(f"{path}-shm")]
-    mode = "mode=ro" if any(p.exists() for p in sidecars) else "immutable=1"
-    uri = f"file:{urllib.parse.quote(os.fsencode(path))}?{mode}"
-    engine = create_engine(
-        f"sqlite:///{path}", future=True,
-        creator=lambda: sqlite3.connect(uri, uri=True, check_same_thread=False),
-    )
-    event.listen(engine, "connect", _set_readonly_pragmas)
-    return engine
-
-
-def _set_readonly_pragmas(dbapi_connection: Any, _record: Any) -> None:
-    cursor = dbapi_connection.cursor()
-    cursor.execute("PRAGMA cache_size=-65536")  # as for writers: the reads of a large catalog
-    cursor.execute("PRAGMA busy_timeout=30000")
-    cursor.execute("PRAGMA query_only=1")
-    cursor.close()
-
-
-def _if_disk_full(folder: Path) -> str:
-    """A hint for SQLite's vague "disk I/O error": the folder's disk has (almost) no room left."""
-    try:
-        st = os.statvfs(folder)
-    except OSError:
-        return ""
-    return " (its disk is full: free some space)" if st.f_bavail * st.f_frsize < (1 << 20) else ""
-
-
-class _Checkpointer:
-    """Copies committed writes from the WAL into the database in a background thread.
-
-    A WAL checkpoint copies pages and syncs both files; done by the commit
-    that fills the WAL, it stalled every second or third bulk transaction for
-    ~200 ms. In a thread of its own (on its own connection, ``PASSIVE``: it
-    never blocks readers or the writer) it overlaps the next transaction:
-    plain sqlite3 inserted 141-151k rows/s that way against 81-86k
-    (alternating). Durability is unchanged: a commit is in the WAL either
-    way, and a killed checkpoint is finished by the next one.
-    """
-
-    def __init__(self, path: Path):
-        self.path = path
-        self._cond = threading.Condition()
-        self._asked = self._done = 0  # commits poked about, and how many of them a checkpoint followed
-        self._closing = False
-        self._gone = False  # the thread could not open the database: commits checkpoint by themselves
-        self._thread: threading.Thread | None = None
-
-    def poke(self) -> None:
-        """A transaction committed: checkpoint soon."""
-        with self._cond:
-            if self._gone:
-                return
-            if self._thread is None:
-                self._closing = False
-                self._thread = threading.Thread(target=self._run, name="mmsearch-checkpoint", daemon=True)
-                self._thread.start()
-            self._asked += 1
-            self._cond.notify_all()
-
-    def wait_idle(self, timeout: float | None = None) -> bool:
-        """Whether a checkpoint has followed every commit so far (waiting up to ``timeout`` seconds)."""
-        with self._cond:
-            return self._cond.wait_for(lambda: self._done >= self._asked, timeout)
-
-    def close(self) -> None:
-        with self._cond:
-            thread, self._thread = self._thread, None
-            self._closing = True
-            self._cond.notify_all()
-        if thread is not None:
-            thread.join()
-
-    def _connect(self) -> sqlite3.Connection:
-        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-        conn.execute("PRAGMA synchronous=NORMAL")
-        return conn
-
-    def _run(self) -> None:
-        try:
-            conn = self._connect()
-        except sqlite3.Error:
-            with self._cond:  # the writers' own checkpoints (wal_autocheckpoint) remain
-                self._gone, self._done = True, self._asked
-                self._cond.notify_all()
-            return
-        try:
-            while True:
-                with self._cond:
-                    self._cond.wait_for(lambda: self._closing or self._asked > self._done)
-                    if self._closing:
-                        return
-                    target = self._asked
-                try:
-                    conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
-                except sqlite3.Error:
-                    pass  # as above; the next commit tries again
-                with self._cond:
-                    self._done = target
-                    self._cond.notify_all()
-        finally:
-            conn.close()
-            with self._cond:
-                self._done = self._asked  # closing: the last connection's close checkpoints the rest
-                self._cond.notify_all()
+from mmsearch.schema import KINDS, TABLES, ImageRow, ImageState, Kind, Meta, SkippedRow, TextRow
+from mmsearch.sqlite_backend import (
+    READ_ONLY_ERRNOS,
+    Checkpointer,
+    if_disk_full,
+    make_engine,
+    make_readonly_engine,
+    may_write,
+    read_only_error,
+)
+
+__all__ = [
+    "KINDS", "TABLES", "Catalog", "ImageRow", "ImageState", "Kind", "TextRow", "from_blobs",
+    "make_engine", "path_from_db", "path_to_db", "read_only_error", "under_any",
+]
 
 
 class Catalog:
@@ -376,7 +64,7 @@ class Catalog:
         self.path = path
         #: opened read-only: the home cannot be written (see :meth:`open`)
         self.readonly = readonly
-        self._checkpointer = _Checkpointer(path)
+        self._checkpointer = Checkpointer(path)
         name = self.get_meta("vector_dtype") or "float32"
         if name not in VECTOR_DTYPES:
             raise CatalogError(f"{path}: unknown vector_dtype {name!r} (written by a newer mmsearch?)")
@@ -400,13 +88,13 @@ class Catalog:
         already in the catalog's dtype (see :meth:`stored`) are copied block by
         block; others are cast, a block at a time, as SQLite takes the rows.
         """
-        vectors = list(map(_VECTOR, rows))
+        vectors = list(map(operator.itemgetter("vector"), rows))
         if not all(map(isinstance, vectors, repeat(np.ndarray))):
             raise TypeError("catalog rows hold their vector as a numpy array")
         return (
             view
-            for start in range(0, len(vectors), _CAST_BLOCK)
-            for view in _row_views(self.stored(vectors[start:start + _CAST_BLOCK]))
+            for start in range(0, len(vectors), CAST_BLOCK)
+            for view in row_views(self.stored(vectors[start:start + CAST_BLOCK]))
         )
 
     @classmethod
@@ -449,7 +137,7 @@ class Catalog:
             if readonly and Path(f"{path}-wal").exists():
                 reason += f" (the home is read-only and {path.name}-wal holds writes not yet in the catalog: open it once where it can be written)"
             else:
-                reason += _if_disk_full(path.parent)
+                reason += if_disk_full(path.parent)
             raise CatalogError(f"cannot open catalog {path}: {reason}") from None
         return cls(engine, path, readonly=readonly)
 
@@ -542,7 +230,7 @@ class Catalog:
         the ids given to the new rows, in order.
         """
         now = time.time()
-        new, changed = _with_db_paths(new), _with_db_paths(changed)
+        new, changed = with_db_paths(new), with_db_paths(changed)
         with self._writing() as conn:
             if removed_ids:
                 _delete_ids(conn, ImageRow, removed_ids)

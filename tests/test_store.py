@@ -9,7 +9,8 @@ from alembic.runtime.migration import MigrationContext
 from sqlalchemy import inspect
 
 from mmsearch.migrate import head_revision, upgrade
-from mmsearch.store import Base, Catalog, from_blobs, make_engine
+from mmsearch.schema import Base
+from mmsearch.store import Catalog, from_blobs, make_engine
 
 
 def test_upgrade_head_on_empty_database_matches_models(tmp_path: Path):
@@ -87,9 +88,9 @@ def test_new_catalog_stores_float16_and_a_rebuild_sees_what_stored_returns(tmp_p
 
 
 def test_a_bulk_write_spans_cast_blocks_and_takes_rows_of_any_float_dtype(tmp_path: Path):
-    from mmsearch.store import _CAST_BLOCK
+    from mmsearch.codecs import CAST_BLOCK
 
-    n = 2 * _CAST_BLOCK + 7  # three blocks, the last one short
+    n = 2 * CAST_BLOCK + 7  # three blocks, the last one short
     vectors = np.random.default_rng(1).standard_normal((n, 16)).astype(np.float32)
     with Catalog.open(tmp_path / "c.sqlite3") as catalog:
         stored = catalog.stored(vectors)
@@ -207,12 +208,12 @@ def test_commits_are_checkpointed_in_the_background_and_close_stops_the_thread(t
 def test_a_checkpointer_that_cannot_connect_leaves_commits_to_checkpoint_themselves(tmp_path: Path, monkeypatch):
     import sqlite3
 
-    import mmsearch.store as store
+    from mmsearch.sqlite_backend import Checkpointer
 
     def refuse(self):
         raise sqlite3.OperationalError("unable to open database file")
 
-    monkeypatch.setattr(store._Checkpointer, "_connect", refuse)
+    monkeypatch.setattr(Checkpointer, "_connect", refuse)
     with Catalog.open(tmp_path / "c.sqlite3") as catalog:
         catalog.write_images([_row(1)], [])
         assert catalog._checkpointer.wait_idle(timeout=30)
