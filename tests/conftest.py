@@ -127,3 +127,20 @@ def photo_dir(tmp_path: Path) -> Path:
 @pytest.fixture
 def home(tmp_path: Path) -> Path:
     return tmp_path / "home"
+
+
+@pytest.fixture
+def base(home: Path, tiny_model: Path) -> list[str]:
+    """The global options of a CLI call on the test's home with the tiny model."""
+    return ["--home", str(home), "--model", str(tiny_model)]
+
+
+@pytest.fixture
+def library(home: Path, tiny_model: Path, photo_dir: Path) -> Iterator[object]:
+    """A :class:`mmsearch.Library` over the six test pictures."""
+    from mmsearch import Library
+
+    lib = Library.open(home, model=str(tiny_model))
+    lib.add_images([photo_dir])
+    yield lib
+    lib.close()

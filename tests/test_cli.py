@@ -19,11 +19,6 @@ def run(*args: str):
     return runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
 
 
-@pytest.fixture
-def base(home: Path, tiny_model: Path) -> list[str]:
-    return ["--home", str(home), "--model", str(tiny_model)]
-
-
 def _all_commands() -> list[tuple[str, click.Command]]:
     group = get_command(app)
     return [(name, group.get_command(None, name)) for name in group.list_commands(None)]

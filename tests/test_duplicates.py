@@ -19,11 +19,6 @@ def run(*args: object):
 
 
 @pytest.fixture
-def base(home: Path, tiny_model: Path) -> list[str]:
-    return ["--home", str(home), "--model", str(tiny_model)]
-
-
-@pytest.fixture
 def with_copies(photo_dir: Path) -> Path:
     shutil.copy(photo_dir / "red.jpg", photo_dir / "nested" / "red copy.jpg")
     shutil.copy(photo_dir / "red.jpg", photo_dir / "with space" / "red-again.jpg")

@@ -15,14 +15,6 @@ from mmsearch import Library
 from mmsearch.errors import EmptyIndexError, InputFileError, MmsearchError, UsageError
 
 
-@pytest.fixture
-def library(home: Path, tiny_model: Path, photo_dir: Path):
-    lib = Library.open(home, model=str(tiny_model))
-    lib.add_images([photo_dir])
-    yield lib
-    lib.close()
-
-
 def test_import_mmsearch_stays_light():
     code = "import sys, mmsearch; print(sorted(m for m in ('torch', 'open_clip', 'faiss', 'numpy') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout

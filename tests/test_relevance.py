@@ -1,7 +1,6 @@
 """The relevance cutoff: a calibrated ``relevance`` on every hit, ``--cutoff auto|NUMBER``, "no good match"."""
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,11 +16,6 @@ runner = CliRunner()
 
 def run(*args: object):
     return runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
-
-
-@pytest.fixture
-def base(home: Path, tiny_model: Path) -> list[str]:
-    return ["--home", str(home), "--model", str(tiny_model)]
 
 
 def test_parse_cutoff():

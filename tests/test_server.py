@@ -23,14 +23,6 @@ SECRET = b"top secret, never served\n"
 
 
 @pytest.fixture
-def library(home: Path, tiny_model: Path, photo_dir: Path):
-    lib = Library.open(home, model=str(tiny_model))
-    lib.add_images([photo_dir])
-    yield lib
-    lib.close()
-
-
-@pytest.fixture
 def client(library):
     with TestClient(create_app(library)) as c:
         yield c
