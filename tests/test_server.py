@@ -350,3 +350,19 @@ def test_rerank_where_the_model_has_a_reranker(untrained_rerank_model, photo_dir
             assert by_image.status_code == 200 and all("dual_score" in r for r in by_image.json()["results"])
             r = c.post("/api/search", data={"rerank": "1"}, files={"image": ("x.png", png_bytes())})
             assert r.status_code == 400 and "--" not in one_line_error(r)
+
+
+def test_served_connections_send_small_writes_at_once():
+    """Accepted connections have TCP_NODELAY: a response's body never waits for the client's delayed ACK."""
+    import socket
+
+    from mmsearch.server import bind
+
+    listener = bind("127.0.0.1", 0)
+    client = socket.create_connection(listener.getsockname())
+    accepted, _ = listener.accept()
+    try:
+        assert accepted.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+    finally:
+        for sock in (accepted, client, listener):
+            sock.close()
