@@ -82,7 +82,8 @@ def quiet_library_warnings() -> None:
 
     Pillow warns about odd EXIF data and palette transparency while decoding
     (mmsearch orients and converts every image itself; errors still raise),
-    and ``torch.ao.quantization`` announces its deprecation on every call.
+    ``torch.ao.quantization`` announces its deprecation on every call, and
+    a resumed training run fast-forwards its learning-rate schedule.
     ``warnings.catch_warnings`` around each call would swap the process's
     filter list from many decode threads at once, and can leave it changed
     for good, so the filters are added here, once.
@@ -91,6 +92,8 @@ def quiet_library_warnings() -> None:
 
     warnings.filterwarnings("ignore", module=r"PIL(\.|$)")
     warnings.filterwarnings("ignore", module=r"torch\.ao(\.|$)")
+    # `train` resuming from a checkpoint fast-forwards its learning-rate schedule
+    warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before", category=UserWarning)
 
 
 def hub_offline_unless_reachable(timeout: float = 3.0) -> bool:

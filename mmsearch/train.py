@@ -216,12 +216,10 @@ def _train_dual(
     start = _load_checkpoint(ckpt, model, opt, expect)
     if start:
         say(f"resuming from the checkpoint after epoch {start}/{opts.epochs}")
-        import warnings
-
-        with warnings.catch_warnings():  # fast-forwarding the schedule steps it before any optimiser step
-            warnings.simplefilter("ignore", UserWarning)
-            for _ in range(start * steps):
-                sched.step()
+        # fast-forwarding the schedule steps it before any optimiser step, which torch
+        # warns about; front ends silence that once (mmsearch.runtime.quiet_library_warnings)
+        for _ in range(start * steps):
+            sched.step()
     image_t = torch.from_numpy(image_of)
     text_t = torch.from_numpy(text_of)
     bar = tqdm(total=total, initial=start * steps, unit="step", disable=not progress, file=sys.stderr,
