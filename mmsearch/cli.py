@@ -269,7 +269,7 @@ def search(
             if not answer["results"] and threshold is not None:
                 typer.echo("no good match", err=True)
                 return
-            _print_served_hits(answer["results"], as_json)
+            _print_hits(answer["results"], as_json)
             return
     from mmsearch.library import Library
     from mmsearch.runtime import prepare_model_access, set_torch_threads
@@ -292,17 +292,7 @@ def search(
     if not hits and threshold is not None:
         typer.echo("no good match", err=True)
         return
-    if as_json:
-        for hit in hits:
-            echo_json(hit.as_dict())
-        return
-    if not hits:
-        typer.echo("no results", err=True)
-        return
-    for hit in hits:
-        shown = show_path(hit.path) if hit.path is not None else one_line(hit.text or "")
-        label = "" if hit.kind == "image" else f"[{hit.id}] "
-        typer.echo(f"{hit.rank:>3}  {hit.score:6.3f}  {label}{shown}")
+    _print_hits([{**hit.as_dict(), "score_raw": float(hit.score)} for hit in hits], as_json)
 
 
 #: What ``--rerank`` re-scores unless ``--rerank-k`` says otherwise (the server's only choice).
@@ -339,8 +329,12 @@ def _from_server(settings: Settings, path: str, params: dict[str, Any] | None = 
     return answer[1]
 
 
-def _print_served_hits(rows: list[dict[str, Any]], as_json: bool) -> None:
-    """Print a server's results exactly as in-process hits are printed."""
+def _print_hits(rows: list[dict[str, Any]], as_json: bool) -> None:
+    """Print search results, from this process or a server's answer, one way.
+
+    Each row is a hit's JSON plus ``score_raw``, its unrounded score, which
+    the plain output shows to three places.
+    """
     for row in rows:
         row.pop("thumb", None)
     if as_json:

@@ -294,22 +294,25 @@ def create_app(
         )
         return results(hits, started, warnings=warnings)
 
+    def live_image(image_id: str) -> tuple[int, Any]:
+        """The id a route names and what the catalog says of that live image; 404 for anything else."""
+        number = _image_id(image_id)
+        found = library.image_file(number)
+        if found is None:
+            raise ApiError(404, f"no image with id {number}")
+        return number, found
+
     @api.get("/similar/{image_id}")
     def similar(image_id: str, k: str | None = None) -> dict[str, Any]:
         started = time.perf_counter()
-        number = _image_id(image_id)
-        if library.image_file(number) is None:
-            raise ApiError(404, f"no image with id {number}")
+        number, _found = live_image(image_id)
         return results(library.similar(number, _int_param("k", k, 10, 1, MAX_K)), started)
 
     @api.get("/thumb/{image_id}")
     def thumb(image_id: str) -> Response:
         from mmsearch.thumbs import thumbnail
 
-        number = _image_id(image_id)
-        found = library.image_file(number)
-        if found is None:
-            raise ApiError(404, f"no image with id {number}")
+        number, found = live_image(image_id)
         try:
             made = thumbnail(library.settings.home, found[0], found[1], library.settings.max_file_size)
         except InputFileError as exc:  # the file changed or broke since it was indexed
@@ -321,10 +324,7 @@ def create_app(
 
     @api.get("/file/{image_id}")
     def file(image_id: str) -> Response:
-        number = _image_id(image_id)
-        found = library.image_file(number)
-        if found is None:
-            raise ApiError(404, f"no image with id {number}")
+        _number, found = live_image(image_id)
         media_type = mimetypes.guess_type(found[0])[0] or "application/octet-stream"
         if not media_type.startswith("image/") or media_type == "image/svg+xml":
             media_type = "application/octet-stream"
