@@ -222,6 +222,40 @@ def add_texts(
 
 @app.command()
 @handle_errors
+def reindex(
+    ctx: typer.Context,
+    as_json: bool = typer.Option(False, "--json", help="Print the counts as one JSON object on the last line."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+    drop_unreadable: bool = typer.Option(
+        False, "--drop-unreadable",
+        help="Remove indexed images that cannot be read now (permissions, I/O errors, a folder not there) "
+        "instead of stopping before the switch.",
+    ),
+) -> None:
+    """Re-embed everything with --model SPEC and switch the home to it; search uses the old model until it is done."""
+    from mmsearch.reindex import reindex as run_reindex
+    from mmsearch.runtime import prepare_model_access, share_cores_with_decoding, threads_for_lanes
+
+    share_cores_with_decoding()  # before torch loads
+    report = run_reindex(
+        settings_of(ctx), progress=not quiet, on_lanes=threads_for_lanes, before_model_load=prepare_model_access,
+        on_skip=lambda path, reason: warn(f"skipped {show_path(path)}: {one_line(reason)}"),
+        drop_unreadable=drop_unreadable,
+    )
+    if as_json:
+        echo_json(report.as_dict())
+    elif not report.switched:
+        typer.echo(f"{settings_of(ctx).home} already uses model {report.previous_model}; nothing to do")
+    else:
+        typer.echo(
+            f"switched to {report.model}: re-embedded {report.images} images and {report.texts} texts, "
+            f"{report.resumed} kept from an interrupted run, removed {report.removed}, "
+            f"skipped {report.skipped} ({report.seconds:.1f} s)"
+        )
+
+
+@app.command()
+@handle_errors
 def search(
     ctx: typer.Context,
     query: Optional[str] = typer.Argument(

@@ -18,6 +18,7 @@ from mmsearch.errors import (
     CatalogError,
     HomeLockedError,
     HomeWriteError,
+    ModelChangedError,
     ModelMismatchError,
     ModelUnavailableError,
 )
@@ -47,6 +48,8 @@ class Home:
         #: the model's spec as the home's files (index sidecars) name it, where that is
         #: not :attr:`spec` (a moved model on a home that cannot be written)
         self._label: str | None = None
+        #: how many times the home has switched models (``reindex``) when it was opened
+        self.model_generation = self._model_generation()
         self.spec = self._resolve_spec()
 
     @classmethod
@@ -77,6 +80,29 @@ class Home:
     def model_label(self) -> str:
         """The model's name in the home's index sidecars: the recorded spec, or the one in use."""
         return self._label or self.spec.canonical
+
+    def _model_generation(self) -> int:
+        return int(self.catalog.get_meta("model_generation") or 0)
+
+    def check_model_unchanged(self) -> None:
+        """Raise :class:`ModelChangedError` if a ``reindex`` switched the home's model since it was opened:
+        its vectors are then another model's, of which this home's encoder knows nothing."""
+        if self._model_generation() != self.model_generation:
+            raise ModelChangedError(
+                f"{self.settings.home} switched to model {self.recorded_model} while this command ran; run it again"
+            )
+
+    def uses_model(self, spec: modelspec.ModelSpec) -> bool:
+        """Whether the home's vectors were made by ``spec`` (also a copy of its local model elsewhere)."""
+        recorded = self.recorded_model
+        if recorded is None:
+            return False
+        if spec.canonical == recorded:
+            return True
+        try:
+            return self._is_same_model(modelspec.parse(recorded), spec)
+        except ModelMismatchError:  # the recorded model is gone and was never hashed: not provably the same
+            return False
 
     def _resolve_spec(self) -> modelspec.ModelSpec:
         recorded = self.recorded_model
@@ -203,6 +229,7 @@ class Home:
         """The FAISS index of ``kind``, rebuilt from the catalog if it is stale."""
         from mmsearch.index import VectorIndex, open_index
 
+        self.check_model_unchanged()
         dim = self.dim
         if dim is None:
             return VectorIndex.empty(kind, 1, self.model_label)
