@@ -443,6 +443,11 @@ def status(
     typer.echo(f"model:   {info['model'] or '(none yet)'}" + (f"  ({info['dim']}-d)" if info["dim"] else ""))
     typer.echo(f"images:  {info['images']}")
     typer.echo(f"texts:   {info['texts']}")
+    if info.get("reindex"):
+        typer.echo(
+            f"reindex: to {info['reindex']['model']}, {info['reindex']['staged']} items done "
+            "(unfinished: run `mmsearch --model SPEC reindex` again to go on)"
+        )
     typer.echo(f"on disk: {_size(int(info['disk_bytes']))}")
 
 

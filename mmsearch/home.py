@@ -378,6 +378,12 @@ def status(settings: Settings) -> dict[str, object]:
         out["dim"] = home.dim
         out["images"] = home.catalog.count("image")
         out["texts"] = home.catalog.count("text")
+        from mmsearch.staging import Staging
+
+        staging = Staging(home.catalog)
+        target = staging.target()
+        if target:  # a reindex that has not finished: what it has made so far
+            out["reindex"] = {"model": target.get("reindex_model"), "staged": staging.count()}
         files = [settings.catalog_path, *settings.home.glob("catalog.sqlite3-*")]
         out["catalog_bytes"] = sum(p.stat().st_size for p in files if p.exists())
         for kind in ("image", "text"):

@@ -39,8 +39,8 @@ import numpy as np
 from mmsearch import modelid, modelspec
 from mmsearch.decode import Decoded, Skipped, decode_file, enable_heif
 from mmsearch.discover import FileEntry
-from mmsearch.errors import InputFileError, UsageError
-from mmsearch.home import Home
+from mmsearch.errors import HomeWriteError, InputFileError, UsageError
+from mmsearch.home import Home, write_failure
 from mmsearch.schema import KINDS
 from mmsearch.settings import Settings
 from mmsearch.staging import Staging, iter_texts, text_source
@@ -388,7 +388,13 @@ def finish_switch(home: Home) -> None:
 
     if header_model(staged_tokens) == recorded:
         shutil.rmtree(tokens, ignore_errors=True)
-        os.replace(staged_tokens, tokens)
+        try:
+            os.replace(staged_tokens, tokens)
+        except OSError as exc:
+            raise HomeWriteError(
+                f"cannot move {staged_tokens} to {tokens}: {write_failure(exc)}; the home uses {recorded} "
+                "already, and the next `mmsearch reindex` with it moves them"
+            ) from None
     if tokens.exists() and header_model(tokens) != recorded:
         shutil.rmtree(tokens, ignore_errors=True)  # the old model's: no model here can use them
     shutil.rmtree(staging_folder(home_dir), ignore_errors=True)

@@ -282,3 +282,37 @@ def test_reindex_needs_a_model_and_an_indexed_home(tmp_path: Path, tiny_model: P
     result = runner.invoke(app, ["--home", str(tmp_path / "h"), "--model", str(tiny_model), "reindex"])
     assert result.exit_code == 1 and "no catalog" in result.output
     assert not os.path.exists(tmp_path / "h" / "catalog.sqlite3")
+
+
+def test_resume_after_the_collection_changed(indexed, tiny_model, other_tiny_model):
+    home, photos = indexed
+    base = ["--home", str(home), "--batch-size", "2", "--workers", "0"]
+    child = faults.start([*base, "--model", str(other_tiny_model), "reindex", "-q"], "stage:2")
+    child.join(120)
+    assert child.exitcode == -signal.SIGKILL
+    status = json.loads(cli(*base, "status", "--json").stdout)
+    assert status["model"] == f"local-dir:{tiny_model}"
+    assert status["reindex"]["model"] == f"local-dir:{other_tiny_model}" and status["reindex"]["staged"] >= 5
+    # meanwhile the home is used as before: a picture added, one deleted, one changed, a text changed
+    picture(photos / "new.png", 70)
+    (photos / "copies" / "p0.png").unlink()
+    picture(photos / "copies" / "p1.png", 71)
+    corpus = home.parent / "more.jsonl"
+    corpus.write_text(json.dumps({"id": "t1", "text": "first"}) + "\n")
+    assert cli(*base, "--model", str(tiny_model), "index", "-q", str(photos)).exit_code == 0
+    assert cli(*base, "add-texts", "-q", str(corpus)).exit_code == 0
+    corpus.write_text(json.dumps({"id": "t1", "text": "second"}) + "\n")
+    assert cli(*base, "add-texts", "-q", str(corpus)).exit_code == 0
+    result = cli(*base, "--model", str(other_tiny_model), "reindex", "-q", "--json")
+    report = json.loads(result.stdout.splitlines()[-1])
+    assert report["switched"] and report["texts"] >= 1
+    assert_on_model(home, other_tiny_model, 24)
+    # every vector is the new model's embedding of what the catalog holds now
+    with Library.open(fresh := home.parent / "fresh", model=str(other_tiny_model)) as lib:
+        lib.add_images([photos])
+        lib.add_texts(home.parent / "texts.txt")
+        lib.add_texts(corpus)
+    now, expected = rows(home), rows(fresh)
+    assert set(now) == set(expected)
+    for key in now:
+        assert np.allclose(np.frombuffer(now[key][1], "<f2"), np.frombuffer(expected[key][1], "<f2"), atol=2e-3), key
