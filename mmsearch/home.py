@@ -121,7 +121,8 @@ class Home:
             return asked
         raise ModelMismatchError(
             f"{self.settings.home} was indexed with model {recorded}, not {asked.canonical}; "
-            f"drop --model to use {recorded}, or pass --home DIR for a separate index"
+            f"drop --model to use {recorded}, or pass --home DIR for a separate index, "
+            f"or run `mmsearch --model {shlex.quote(asked.canonical)} reindex` to switch this home to it"
         )
 
     # A local model is known by the hash of its files (mmsearch.modelid), recorded in the
