@@ -273,6 +273,11 @@ def search(
         None, "--cutoff", metavar="auto|NUMBER",
         help="Leave out results whose relevance (calibrated, comparable across models) is below this; auto: the default threshold.",
     ),
+    preview: bool = typer.Option(
+        False, "--preview",
+        help="Show a small thumbnail beside each image result in terminals that draw inline images "
+        "(kitty, Ghostty, iTerm2, WezTerm); elsewhere one line says so.",
+    ),
 ) -> None:
     """Find images (or with --texts, texts) by a text query and/or an example image."""
     from mmsearch.relevance import parse_cutoff
@@ -292,6 +297,16 @@ def search(
     if rerank and texts and (image is None or query):
         raise UsageError("--rerank for texts needs --image FILE alone (no text query)")
     settings = settings_of(ctx)
+    protocol = _preview_protocol(as_json) if preview and not texts else None
+
+    def show(rows: list[dict[str, Any]]) -> None:
+        drawn = {}
+        if protocol is not None:
+            from mmsearch.preview import previews
+
+            drawn = previews(settings, [(row["id"], row["path"]) for row in rows if "path" in row], protocol)
+        _print_hits(rows, as_json, drawn)
+
     if image is None and query is not None and (not rerank or rerank_k == DEFAULT_RERANK_K):
         params = {"q": query, "k": top_k, "texts": int(texts), "rerank": int(rerank), "raw": 1}
         if threshold is not None:
@@ -303,7 +318,7 @@ def search(
             if not answer["results"] and threshold is not None:
                 typer.echo("no good match", err=True)
                 return
-            _print_hits(answer["results"], as_json)
+            show(answer["results"])
             return
     from mmsearch.library import Library
     from mmsearch.runtime import prepare_model_access, set_torch_threads
@@ -326,7 +341,20 @@ def search(
     if not hits and threshold is not None:
         typer.echo("no good match", err=True)
         return
-    _print_hits([{**hit.as_dict(), "score_raw": float(hit.score)} for hit in hits], as_json)
+    show([{**hit.as_dict(), "score_raw": float(hit.score)} for hit in hits])
+
+
+def _preview_protocol(as_json: bool) -> Any:
+    """The inline-image protocol of the terminal ``--preview`` draws in, or None (said in one line)."""
+    from mmsearch.preview import detect, unsupported
+
+    if as_json:
+        warn("--preview: no thumbnails with --json (its output stays one JSON object per line)")
+        return None
+    protocol = detect(os.environ)
+    if protocol is None:
+        warn(unsupported(os.environ))
+    return protocol
 
 
 #: What ``--rerank`` re-scores unless ``--rerank-k`` says otherwise (the server's only choice).
@@ -363,11 +391,12 @@ def _from_server(settings: Settings, path: str, params: dict[str, Any] | None = 
     return answer[1]
 
 
-def _print_hits(rows: list[dict[str, Any]], as_json: bool) -> None:
+def _print_hits(rows: list[dict[str, Any]], as_json: bool, previews: dict[int, str] | None = None) -> None:
     """Print search results, from this process or a server's answer, one way.
 
     Each row is a hit's JSON plus ``score_raw``, its unrounded score, which
-    the plain output shows to three places.
+    the plain output shows to three places. ``previews`` holds the escape
+    sequences that draw an image result's thumbnail before its line.
     """
     for row in rows:
         row.pop("thumb", None)
@@ -383,7 +412,8 @@ def _print_hits(rows: list[dict[str, Any]], as_json: bool) -> None:
         is_image = "path" in row
         shown = show_path(row["path"]) if is_image else one_line(row.get("text") or "")
         label = "" if is_image else f"[{row['id']}] "
-        typer.echo(f"{row['rank']:>3}  {row['score_raw']:6.3f}  {label}{shown}")
+        drawn = (previews or {}).get(row["id"], "") if is_image else ""
+        typer.echo(f"{drawn}{row['rank']:>3}  {row['score_raw']:6.3f}  {label}{shown}")
 
 
 @app.command()
