@@ -73,7 +73,10 @@ class Home:
 
     @property
     def dim(self) -> int | None:
+        """The dimension of the home's vectors; :class:`ModelChangedError` once a ``reindex`` has
+        switched the model under this open home (its vectors are then another model's)."""
         raw = self.catalog.get_meta("dim")
+        self.check_model_unchanged()
         return int(raw) if raw else None
 
     @property
@@ -230,7 +233,6 @@ class Home:
         """The FAISS index of ``kind``, rebuilt from the catalog if it is stale."""
         from mmsearch.index import VectorIndex, open_index
 
-        self.check_model_unchanged()
         dim = self.dim
         if dim is None:
             return VectorIndex.empty(kind, 1, self.model_label)

@@ -247,11 +247,12 @@ class Library:
         from mmsearch.search import nearest
 
         self._check_k(k)
+        index = self.index("image")  # first: it takes up a model a reindex switched to
         dim = self._home.dim
         vector = self._home.catalog.vectors("image", [int(image_id)], dim).get(int(image_id)) if dim else None
         if vector is None:
             raise InputFileError(f"no image with id {image_id} in the catalog")
-        return nearest(self._home, vector, "image", k, index=self.index("image"))
+        return nearest(self._home, vector, "image", k, index=index)
 
     @staticmethod
     def _check_k(k: int) -> None:

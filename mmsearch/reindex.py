@@ -373,9 +373,11 @@ def finish_switch(home: Home) -> None:
 
     from mmsearch.index import build_from_catalog, sidecar_is_current
 
-    recorded, dim = home.recorded_model, home.dim
-    if home.catalog.get_meta(FINISH_KEY) is None or recorded is None or dim is None:
+    # the meta table's dim, not home.dim: this home may have been opened on the old model
+    recorded, raw_dim = home.recorded_model, home.catalog.get_meta("dim")
+    if home.catalog.get_meta(FINISH_KEY) is None or recorded is None or raw_dim is None:
         return
+    dim = int(raw_dim)
     home_dir = home.settings.home
     staged_tokens = staging_folder(home_dir) / "rerank"
     tokens = home_dir / "rerank"

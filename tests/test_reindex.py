@@ -316,3 +316,19 @@ def test_resume_after_the_collection_changed(indexed, tiny_model, other_tiny_mod
     assert set(now) == set(expected)
     for key in now:
         assert np.allclose(np.frombuffer(now[key][1], "<f2"), np.frombuffer(expected[key][1], "<f2"), atol=2e-3), key
+
+
+def test_a_home_opened_before_the_switch_refuses_the_new_vectors(indexed, other_tiny_model):
+    from mmsearch.errors import ModelChangedError
+    from mmsearch.home import Home
+
+    home, _ = indexed
+    with Home.open(resolve(home=home)) as opened:  # a search in flight when the switch commits
+        assert opened.dim == 32 and opened.index("image").count == 8
+        reindex(resolve(home=home, model=str(other_tiny_model)), progress=False)
+        for read in (lambda: opened.dim, lambda: opened.index("image")):
+            with pytest.raises(ModelChangedError) as info:
+                read()
+            assert "switched to model" in str(info.value) and "\n" not in str(info.value)
+    with Home.open(resolve(home=home)) as reopened:
+        assert reopened.dim == 24 and reopened.index("image").count == 8
