@@ -332,3 +332,37 @@ def test_a_home_opened_before_the_switch_refuses_the_new_vectors(indexed, other_
             assert "switched to model" in str(info.value) and "\n" not in str(info.value)
     with Home.open(resolve(home=home)) as reopened:
         assert reopened.dim == 24 and reopened.index("image").count == 8
+
+
+def test_a_running_server_answers_with_the_old_model_then_the_new(indexed, tiny_model, other_tiny_model):
+    from fastapi.testclient import TestClient
+
+    from mmsearch.server import create_app
+
+    home, _ = indexed
+    with Library.open(home, create=False) as library, TestClient(create_app(library)) as client:
+        def served() -> tuple[str, int]:
+            response = client.get("/api/search", params={"q": "red", "k": 20})
+            assert response.status_code == 200, response.text
+            return client.get("/api/status").json()["model"], len(response.json()["results"])
+
+        assert served() == (f"local-dir:{tiny_model}", 8)
+        during: list[tuple[str, int]] = []
+        reindex(resolve(home=home, model=str(other_tiny_model), batch_size=2, workers=0),
+                progress=lambda done, total: during.append(served()))
+        assert during and set(during) == {(f"local-dir:{tiny_model}", 8)}
+        assert served() == (f"local-dir:{other_tiny_model}", 8)
+
+
+def test_reindex_to_the_current_model_abandons_an_unfinished_switch(indexed, tiny_model, other_tiny_model):
+    home, _ = indexed
+    before = rows(home)
+    base = ["--home", str(home), "--batch-size", "2", "--workers", "0"]
+    child = faults.start([*base, "--model", str(other_tiny_model), "reindex", "-q"], "stage:2")
+    child.join(120)
+    assert child.exitcode == -signal.SIGKILL and staged_count(home) > 0
+    result = cli(*base, "--model", str(tiny_model), "reindex", "--json")
+    assert json.loads(result.stdout.splitlines()[-1])["switched"] is False
+    assert staged_count(home) == 0 and "reindex" not in json.loads(cli(*base, "status", "--json").stdout)
+    assert rows(home) == before
+    assert_on_model(home, tiny_model, 32)
