@@ -47,7 +47,6 @@ from mmsearch.staging import Staging, iter_texts, text_source
 
 if TYPE_CHECKING:
     from mmsearch.encode import Encoder
-    from mmsearch.rerank import TokenStore
 
 #: Texts read from the catalog, embedded and staged together (one transaction).
 TEXT_CHUNK = 4096
@@ -123,8 +122,9 @@ def reindex(
                 raise UsageError(f"nothing is indexed in {settings.home} yet; run `mmsearch index` or `add-texts`")
             if home.uses_model(target):
                 staging = Staging(home.catalog)
-                if staging.target():
-                    staging.abandon()  # a switch to another model was begun: the home stays on this one
+                if staging.target():  # a switch to another model was begun: the home stays on this one
+                    staging.abandon()
+                    shutil.rmtree(staging_folder(settings.home), ignore_errors=True)
                 report.seconds = time.perf_counter() - started
                 return report
             _Run(home, target, report, progress, on_skip, on_lanes, before_model_load, drop_unreadable).run()
@@ -153,6 +153,12 @@ class _Run:
         self.bar: Any = None
         self.done = 0
         self.total = 0
+        #: text id -> source of its staged vector (see :func:`mmsearch.staging.text_source`)
+        self.text_sources: dict[int, str] = {}
+        #: content hash -> id of a row whose staged vector is of that content (copies are encoded once)
+        self.known: dict[str, int] = {}
+        #: ids of images an earlier run staged whose files are gone now
+        self.deleted: list[int] = []
 
     def run(self) -> None:
         from tqdm import tqdm
@@ -223,11 +229,12 @@ class _Run:
         staged = self.staging.sources("image")
         todo = sorted((path, s.id) for path, s in states.items() if staged.get(s.id) != s.content_hash)
         self.report.resumed += len(states) - len(todo)
-        # content hash -> id of a staged row holding its vector: copies of a picture are encoded once
-        self.known: dict[str, int] = {}
         for path, s in states.items():
             if staged.get(s.id) == s.content_hash:
-                self.known.setdefault(s.content_hash, s.id)
+                if _deleted(path):  # staged by an earlier run, deleted since
+                    self.deleted.append(s.id)
+                else:
+                    self.known.setdefault(s.content_hash, s.id)
         return todo
 
     def _stage_images(self, encoder: "Encoder", todo: list[tuple[str, int]]) -> list[int]:
@@ -238,7 +245,7 @@ class _Run:
 
         home, settings = self.home, self.home.settings
         tokens = token_sink(home, encoder, staging_folder(settings.home))  # None unless NEW has a re-ranker
-        removed: list[int] = []
+        removed: list[int] = list(self.deleted)
         unreadable: list[tuple[str, int, str]] = []
         if not todo:
             return removed

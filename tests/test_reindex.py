@@ -18,7 +18,7 @@ import pytest
 from typer.testing import CliRunner
 
 import faults
-from conftest import COLOURS, make_image
+from conftest import make_image
 from mmsearch import Library
 from mmsearch.check import check_home
 from mmsearch.cli import app
@@ -200,6 +200,13 @@ def test_kill_during_reindex_then_resume(fault: str, indexed, tiny_model, other_
         assert meta(home)["model"] == f"local-dir:{tiny_model}" and rows(home) == before
         assert check_home(resolve(home=home)).ok
     staged = staged_count(home)
+    if fault == "stage:3":  # a picture the killed run had staged is deleted before the next run
+        gone = photos / "copies" / "p0.png"
+        with Catalog.open(home / "catalog.sqlite3", create=False) as catalog, catalog.engine.connect() as conn:
+            ids = {i for (i,) in conn.exec_driver_sql("SELECT id FROM staged_vectors WHERE kind = 'image'")}
+        assert before[str(gone)][0] in ids
+        gone.unlink()
+        del before[str(gone)]
 
     result = cli(*base, "reindex", "-q", "--json")
     assert result.exit_code == 0, result.output
@@ -207,6 +214,7 @@ def test_kill_during_reindex_then_resume(fault: str, indexed, tiny_model, other_
     if fault == "stage:3":  # the texts and two batches of images were staged
         assert report["switched"] and report["resumed"] == staged and 5 + 2 <= staged < 13
         assert report["images"] + report["reused"] + report["resumed"] == 13 and report["texts"] == 0
+        assert report["removed"] == 1
     elif fault == "in-switch":  # all was staged, the switch rolled back
         assert report["switched"] and report["resumed"] == staged == 13 and report["images"] == 0
     else:
