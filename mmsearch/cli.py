@@ -297,7 +297,7 @@ def search(
     if rerank and texts and (image is None or query):
         raise UsageError("--rerank for texts needs --image FILE alone (no text query)")
     settings = settings_of(ctx)
-    protocol = _preview_protocol(as_json) if preview and not texts else None
+    protocol = _preview_protocol(as_json, texts) if preview else None
 
     def show(rows: list[dict[str, Any]]) -> None:
         drawn = {}
@@ -344,12 +344,15 @@ def search(
     show([{**hit.as_dict(), "score_raw": float(hit.score)} for hit in hits])
 
 
-def _preview_protocol(as_json: bool) -> Any:
+def _preview_protocol(as_json: bool, texts: bool) -> str | None:
     """The inline-image protocol of the terminal ``--preview`` draws in, or None (said in one line)."""
     from mmsearch.preview import detect, unsupported
 
     if as_json:
         warn("--preview: no thumbnails with --json (its output stays one JSON object per line)")
+        return None
+    if texts:
+        warn("--preview: text results have no thumbnails")
         return None
     protocol = detect(os.environ)
     if protocol is None:

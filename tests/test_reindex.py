@@ -374,3 +374,23 @@ def test_reindex_to_the_current_model_abandons_an_unfinished_switch(indexed, tin
     assert staged_count(home) == 0 and "reindex" not in json.loads(cli(*base, "status", "--json").stdout)
     assert rows(home) == before
     assert_on_model(home, tiny_model, 32)
+
+
+def test_a_writer_opened_before_the_switch_writes_nothing(indexed, tiny_model, other_tiny_model):
+    from mmsearch.errors import ModelChangedError
+    from mmsearch.home import Home
+    from mmsearch.indexer import index_paths
+    from mmsearch.texts import add_texts
+
+    home, photos = indexed
+    with Home.open(resolve(home=home, model=str(tiny_model))) as writer:  # opened, then waiting for its turn
+        reindex(resolve(home=home, model=str(other_tiny_model)), progress=False)
+        before = rows(home)
+        picture(photos / "late.png", 90)
+        corpus = home.parent / "late.txt"
+        corpus.write_text("a late text\n")
+        for write in (lambda: index_paths(writer, [photos], progress=False),
+                      lambda: add_texts(writer, corpus, progress=False)):
+            with pytest.raises(ModelChangedError):
+                write()
+        assert rows(home) == before  # no vector of the old model among the new model's
