@@ -233,6 +233,40 @@ def add_texts(
 
 @app.command()
 @handle_errors
+def reindex(
+    ctx: typer.Context,
+    as_json: bool = typer.Option(False, "--json", help="Print the counts as one JSON object on the last line."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+    drop_unreadable: bool = typer.Option(
+        False, "--drop-unreadable",
+        help="Remove indexed images that cannot be read now (permissions, I/O errors, a folder not there) "
+        "instead of stopping before the switch.",
+    ),
+) -> None:
+    """Re-embed everything with --model SPEC and switch the home to it; search uses the old model until it is done."""
+    from mmsearch.reindex import reindex as run_reindex
+    from mmsearch.runtime import prepare_model_access, share_cores_with_decoding, threads_for_lanes
+
+    share_cores_with_decoding()  # before torch loads
+    report = run_reindex(
+        settings_of(ctx), progress=not quiet, on_lanes=threads_for_lanes, before_model_load=prepare_model_access,
+        on_skip=lambda path, reason: warn(f"skipped {show_path(path)}: {one_line(reason)}"),
+        drop_unreadable=drop_unreadable,
+    )
+    if as_json:
+        echo_json(report.as_dict())
+    elif not report.switched:
+        typer.echo(f"{settings_of(ctx).home} already uses model {report.previous_model}; nothing to do")
+    else:
+        typer.echo(
+            f"switched to {report.model}: re-embedded {report.images} images and {report.texts} texts, "
+            f"{report.resumed} kept from an interrupted run, removed {report.removed}, "
+            f"skipped {report.skipped} ({report.seconds:.1f} s)"
+        )
+
+
+@app.command()
+@handle_errors
 def search(
     ctx: typer.Context,
     query: Optional[str] = typer.Argument(
@@ -249,6 +283,11 @@ def search(
     cutoff: Optional[str] = typer.Option(
         None, "--cutoff", metavar="auto|NUMBER",
         help="Leave out results whose relevance (calibrated, comparable across models) is below this; auto: the default threshold.",
+    ),
+    preview: bool = typer.Option(
+        False, "--preview",
+        help="Show a small thumbnail beside each image result in terminals that draw inline images "
+        "(kitty, Ghostty, iTerm2, WezTerm); elsewhere one line says so.",
     ),
 ) -> None:
     """Find images (or with --texts, texts) by a text query and/or an example image."""
@@ -269,6 +308,16 @@ def search(
     if rerank and texts and (image is None or query):
         raise UsageError("--rerank for texts needs --image FILE alone (no text query)")
     settings = settings_of(ctx)
+    protocol = _preview_protocol(as_json, texts) if preview else None
+
+    def show(rows: list[dict[str, Any]]) -> None:
+        drawn = {}
+        if protocol is not None:
+            from mmsearch.preview import previews
+
+            drawn = previews(settings, [(row["id"], row["path"]) for row in rows if "path" in row], protocol)
+        _print_hits(rows, as_json, drawn)
+
     if image is None and query is not None and (not rerank or rerank_k == DEFAULT_RERANK_K):
         params = {"q": query, "k": top_k, "texts": int(texts), "rerank": int(rerank), "raw": 1}
         if threshold is not None:
@@ -280,7 +329,7 @@ def search(
             if not answer["results"] and threshold is not None:
                 typer.echo("no good match", err=True)
                 return
-            _print_hits(answer["results"], as_json)
+            show(answer["results"])
             return
     from mmsearch.library import Library
     from mmsearch.runtime import prepare_model_access, set_torch_threads
@@ -303,7 +352,23 @@ def search(
     if not hits and threshold is not None:
         typer.echo("no good match", err=True)
         return
-    _print_hits([{**hit.as_dict(), "score_raw": float(hit.score)} for hit in hits], as_json)
+    show([{**hit.as_dict(), "score_raw": float(hit.score)} for hit in hits])
+
+
+def _preview_protocol(as_json: bool, texts: bool) -> str | None:
+    """The inline-image protocol of the terminal ``--preview`` draws in, or None (said in one line)."""
+    from mmsearch.preview import detect, unsupported
+
+    if as_json:
+        warn("--preview: no thumbnails with --json (its output stays one JSON object per line)")
+        return None
+    if texts:
+        warn("--preview: text results have no thumbnails")
+        return None
+    protocol = detect(os.environ)
+    if protocol is None:
+        warn(unsupported(os.environ))
+    return protocol
 
 
 #: What ``--rerank`` re-scores unless ``--rerank-k`` says otherwise (the server's only choice).
@@ -340,11 +405,12 @@ def _from_server(settings: Settings, path: str, params: dict[str, Any] | None = 
     return answer[1]
 
 
-def _print_hits(rows: list[dict[str, Any]], as_json: bool) -> None:
+def _print_hits(rows: list[dict[str, Any]], as_json: bool, previews: dict[int, str] | None = None) -> None:
     """Print search results, from this process or a server's answer, one way.
 
     Each row is a hit's JSON plus ``score_raw``, its unrounded score, which
-    the plain output shows to three places.
+    the plain output shows to three places. ``previews`` holds the escape
+    sequences that draw an image result's thumbnail before its line.
     """
     for row in rows:
         row.pop("thumb", None)
@@ -360,7 +426,8 @@ def _print_hits(rows: list[dict[str, Any]], as_json: bool) -> None:
         is_image = "path" in row
         shown = show_path(row["path"]) if is_image else one_line(row.get("text") or "")
         label = "" if is_image else f"[{row['id']}] "
-        typer.echo(f"{row['rank']:>3}  {row['score_raw']:6.3f}  {label}{shown}")
+        drawn = (previews or {}).get(row["id"], "") if is_image else ""
+        typer.echo(f"{drawn}{row['rank']:>3}  {row['score_raw']:6.3f}  {label}{shown}")
 
 
 @app.command()
@@ -420,6 +487,11 @@ def status(
     typer.echo(f"model:   {info['model'] or '(none yet)'}" + (f"  ({info['dim']}-d)" if info["dim"] else ""))
     typer.echo(f"images:  {info['images']}")
     typer.echo(f"texts:   {info['texts']}")
+    if info.get("reindex"):
+        typer.echo(
+            f"reindex: to {info['reindex']['model']}, {info['reindex']['staged']} items done "
+            "(unfinished: run `mmsearch --model SPEC reindex` again to go on)"
+        )
     typer.echo(f"on disk: {_size(int(info['disk_bytes']))}")
 
 

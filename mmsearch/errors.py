@@ -35,6 +35,10 @@ class ModelMismatchError(MmsearchError):
     """A home whose vectors were made by another model than the one asked for."""
 
 
+class ModelChangedError(ModelMismatchError):
+    """The home switched to another model (``mmsearch reindex``) while this process held it open."""
+
+
 class CatalogError(MmsearchError):
     """The SQLite catalog cannot be opened, migrated or read."""
 

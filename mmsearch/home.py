@@ -18,6 +18,7 @@ from mmsearch.errors import (
     CatalogError,
     HomeLockedError,
     HomeWriteError,
+    ModelChangedError,
     ModelMismatchError,
     ModelUnavailableError,
 )
@@ -47,6 +48,8 @@ class Home:
         #: the model's spec as the home's files (index sidecars) name it, where that is
         #: not :attr:`spec` (a moved model on a home that cannot be written)
         self._label: str | None = None
+        #: how many times the home has switched models (``reindex``) when it was opened
+        self.model_generation = self._model_generation()
         self.spec = self._resolve_spec()
 
     @classmethod
@@ -70,13 +73,39 @@ class Home:
 
     @property
     def dim(self) -> int | None:
+        """The dimension of the home's vectors; :class:`ModelChangedError` once a ``reindex`` has
+        switched the model under this open home (its vectors are then another model's)."""
         raw = self.catalog.get_meta("dim")
+        self.check_model_unchanged()
         return int(raw) if raw else None
 
     @property
     def model_label(self) -> str:
         """The model's name in the home's index sidecars: the recorded spec, or the one in use."""
         return self._label or self.spec.canonical
+
+    def _model_generation(self) -> int:
+        return int(self.catalog.get_meta("model_generation") or 0)
+
+    def check_model_unchanged(self) -> None:
+        """Raise :class:`ModelChangedError` if a ``reindex`` switched the home's model since it was opened:
+        its vectors are then another model's, of which this home's encoder knows nothing."""
+        if self._model_generation() != self.model_generation:
+            raise ModelChangedError(
+                f"{self.settings.home} switched to model {self.recorded_model} while this command ran; run it again"
+            )
+
+    def uses_model(self, spec: modelspec.ModelSpec) -> bool:
+        """Whether the home's vectors were made by ``spec`` (also a copy of its local model elsewhere)."""
+        recorded = self.recorded_model
+        if recorded is None:
+            return False
+        if spec.canonical == recorded:
+            return True
+        try:
+            return self._is_same_model(modelspec.parse(recorded), spec)
+        except ModelMismatchError:  # the recorded model is gone and was never hashed: not provably the same
+            return False
 
     def _resolve_spec(self) -> modelspec.ModelSpec:
         recorded = self.recorded_model
@@ -95,7 +124,8 @@ class Home:
             return asked
         raise ModelMismatchError(
             f"{self.settings.home} was indexed with model {recorded}, not {asked.canonical}; "
-            f"drop --model to use {recorded}, or pass --home DIR for a separate index"
+            f"drop --model to use {recorded}, or pass --home DIR for a separate index, "
+            f"or run `mmsearch --model {shlex.quote(asked.canonical)} reindex` to switch this home to it"
         )
 
     # A local model is known by the hash of its files (mmsearch.modelid), recorded in the
@@ -354,6 +384,12 @@ def status(settings: Settings) -> dict[str, object]:
         out["dim"] = home.dim
         out["images"] = home.catalog.count("image")
         out["texts"] = home.catalog.count("text")
+        from mmsearch.staging import Staging
+
+        staging = Staging(home.catalog)
+        target = staging.target()
+        if target:  # a reindex that has not finished: what it has made so far
+            out["reindex"] = {"model": target.get("reindex_model"), "staged": staging.count()}
         files = [settings.catalog_path, *settings.home.glob("catalog.sqlite3-*")]
         out["catalog_bytes"] = sum(p.stat().st_size for p in files if p.exists())
         for kind in ("image", "text"):

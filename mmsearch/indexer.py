@@ -396,6 +396,20 @@ def _encode_files(
         bar.close()
 
 
+def encode_steps(
+    todo: list[FileEntry], decode: _Decode, encode: _Encode, *, lanes: int, workers: int, batch_size: int
+) -> Iterator[_Step]:
+    """Read, decode and encode ``todo`` as ``index`` does (CPU lanes, or decode threads feeding a GPU).
+
+    Yields ``(results, vectors, token states)`` per batch in walk order, for
+    another pipeline over catalogued files (``reindex``); ``lanes`` is
+    :func:`cpu_lanes` on the CPU, 0 on a GPU.
+    """
+    if lanes:
+        return _in_lanes(todo, decode, encode, lanes, batch_size)
+    return _streamed(todo, decode, encode, workers, batch_size)
+
+
 def _never(_content_hash: str) -> bool:
     return False
 

@@ -59,6 +59,9 @@ class Library:
         self._load_lock = threading.Lock()  # loading the encoder
         self._index_locks: dict[Kind, threading.Lock] = {"image": threading.Lock(), "text": threading.Lock()}
         self._indexes: dict[Kind, _Cached] = {}
+        #: homes held before a ``reindex`` switched the model; closed with the library, as a
+        #: search that began before the switch may still be reading through one
+        self._retired: list["Home"] = []
 
     @classmethod
     def open(
@@ -94,6 +97,8 @@ class Library:
         return cls(home_)
 
     def close(self) -> None:
+        for home in self._retired:
+            home.close()
         self._home.close()
 
     def __enter__(self) -> "Library":
@@ -154,8 +159,38 @@ class Library:
         """The FAISS index of ``kind``, reloaded when the catalog has changed since it was read.
 
         While one thread reloads, others keep searching the index they have
-        (it held every row that was committed when it was read).
+        (it held every row that was committed when it was read). After a
+        ``reindex`` switched the home's model, the library takes up the new
+        model (the home is opened again; a library opened with the old model
+        named explicitly gets :class:`~mmsearch.errors.ModelMismatchError`).
         """
+        from mmsearch.errors import ModelChangedError
+
+        try:
+            return self._index(kind)
+        except ModelChangedError:
+            self._reopen()
+            return self._index(kind)
+
+    def _reopen(self) -> None:
+        """Open the home again, on the model a ``reindex`` switched it to; its encoder loads when first used."""
+        from mmsearch.errors import ModelChangedError
+        from mmsearch.home import Home
+
+        with self._load_lock:
+            old = self._home
+            try:
+                old.check_model_unchanged()
+                return  # another thread has opened it again already
+            except ModelChangedError:
+                pass
+            home = Home.open(old.settings, create=False)
+            home.before_model_load = old.before_model_load
+            self._indexes = {}
+            self._retired.append(old)
+            self._home = home
+
+    def _index(self, kind: Kind) -> "VectorIndex":
         generation = self._home.catalog.generation(kind)
         cached = self._indexes.get(kind)
         if cached is not None and cached.generation == generation:
@@ -216,11 +251,12 @@ class Library:
         from mmsearch.search import nearest
 
         self._check_k(k)
+        index = self.index("image")  # first: it takes up a model a reindex switched to
         dim = self._home.dim
         vector = self._home.catalog.vectors("image", [int(image_id)], dim).get(int(image_id)) if dim else None
         if vector is None:
             raise InputFileError(f"no image with id {image_id} in the catalog")
-        return nearest(self._home, vector, "image", k, index=self.index("image"))
+        return nearest(self._home, vector, "image", k, index=index)
 
     @staticmethod
     def _check_k(k: int) -> None:

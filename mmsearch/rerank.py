@@ -276,8 +276,11 @@ def _cannot_write(path: Path, exc: OSError) -> HomeWriteError:
     )
 
 
-def token_sink(home: "Home", encoder: "Encoder") -> TokenStore | None:
+def token_sink(home: "Home", encoder: "Encoder", folder: Path | None = None) -> TokenStore | None:
     """The store the indexer fills, or None when the model has no re-ranker.
+
+    ``folder`` holds the store's ``rerank/`` instead of the home (``reindex``
+    fills one for the new model beside the one in use).
 
     Tokens cost tokens×dim×2 bytes per image (9 KiB for the shipped small
     model, 49 KiB for ViT-B-32) against 0.5–2 KiB for a vector, so they are
@@ -289,4 +292,5 @@ def token_sink(home: "Home", encoder: "Encoder") -> TokenStore | None:
     with torch.inference_mode():
         probe = torch.zeros(1, 3, size, size, device=encoder.device)
         _, tokens = image_token_states(encoder.model, probe)
-    return TokenStore.open(home.settings.home, encoder.spec.canonical, (int(tokens.shape[1]), int(tokens.shape[2])))
+    shape = (int(tokens.shape[1]), int(tokens.shape[2]))
+    return TokenStore.open(folder or home.settings.home, encoder.spec.canonical, shape)

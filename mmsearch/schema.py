@@ -77,6 +77,27 @@ class SkippedRow(Base):
     reason: Mapped[str] = mapped_column(String)
 
 
+class StagedRow(Base):
+    """A vector of the model a ``reindex`` is switching to, made before the switch (mmsearch.reindex).
+
+    One per catalogued image or text (``id`` is its row's id). ``source`` says
+    what the vector was made from: an image's content hash, a text's digest.
+    An image's row also keeps the file's size, mtime and picture size as read,
+    which the switch writes into the image's row with the vector.
+    """
+
+    __tablename__ = "staged_vectors"
+
+    kind: Mapped[str] = mapped_column(String, primary_key=True)
+    id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+    source: Mapped[str] = mapped_column(String)
+    vector: Mapped[bytes] = mapped_column(LargeBinary)
+    size: Mapped[int | None]
+    mtime_ns: Mapped[int | None]
+    width: Mapped[int | None]
+    height: Mapped[int | None]
+
+
 TABLES: dict[Kind, type[ImageRow] | type[TextRow]] = {"image": ImageRow, "text": TextRow}
 
 

@@ -20,7 +20,7 @@ import operator
 import sqlite3
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from itertools import repeat
 from pathlib import Path
 from typing import Any
@@ -158,6 +158,10 @@ class Catalog:
             message = str(getattr(exc, "orig", None) or exc).splitlines()[0]
             raise CatalogError(f"cannot write to catalog {self.path}: {message}; nothing was changed") from None
         self._checkpointer.poke()
+
+    def transaction(self) -> AbstractContextManager[Connection]:
+        """One write transaction for SQL kept in another module (mmsearch.staging), failing as every write here does."""
+        return self._writing()
 
     def __enter__(self) -> "Catalog":
         return self

@@ -15,7 +15,9 @@ import sys
 import time
 from typing import Any
 
-PRELOAD = ["torch", "open_clip", "faiss", "mmsearch.cli", "mmsearch.indexer", "mmsearch.encode", "faults"]
+PRELOAD = [
+    "torch", "open_clip", "faiss", "mmsearch.cli", "mmsearch.indexer", "mmsearch.encode", "mmsearch.reindex", "faults",
+]
 
 
 def context() -> Any:
@@ -57,8 +59,13 @@ def install(fault: str) -> None:
     """Faults: ``after-batch:N`` (catalog batch N committed), ``in-transaction:N``
     (inside the N-th catalog transaction), ``decode:N`` (N-th file read),
     ``rename:N`` (before the N-th atomic rename of an index save),
-    ``hold:N:PATH`` (after batch N is committed, wait until PATH exists), ``none``."""
+    ``hold:N:PATH`` (after batch N is committed, wait until PATH exists), ``none``.
+    Of ``reindex``: ``stage:N`` (staged batch N committed), ``in-switch`` (every
+    statement of the switch run, before its commit), ``after-switch`` (the
+    switch committed, before the FAISS files and tokens follow),
+    ``stage-hold:N:PATH`` (after staged batch N, wait until PATH exists)."""
     import mmsearch.indexer as indexer
+    import mmsearch.staging as staging
     import mmsearch.store as store
 
     kind, _, arg = fault.partition(":")
@@ -73,8 +80,38 @@ def install(fault: str) -> None:
     elif kind == "hold":
         batches, _, gate = arg.partition(":")
         _after_calls(store.Catalog, "write_images", int(batches), lambda: _wait_for(gate))
+    elif kind == "stage":
+        _after_calls(staging.Staging, "put", int(arg), _die)
+    elif kind == "stage-hold":
+        batches, _, gate = arg.partition(":")
+        _after_calls(staging.Staging, "put", int(batches), lambda: _wait_for(gate))
+    elif kind == "after-switch":
+        _after_calls(staging.Staging, "switch", 1, _die)
+    elif kind == "in-switch":
+        _die_before_commit(staging.Staging)
     elif kind != "none":
         raise ValueError(fault)
+
+
+def _die_before_commit(staging_class: Any) -> None:
+    """Kill the process inside the switch's transaction, after its last statement, before the commit."""
+    from contextlib import contextmanager
+
+    original = staging_class.switch
+
+    def switch(self: Any, *args: Any, **kwargs: Any) -> Any:
+        real = self.catalog.transaction
+
+        @contextmanager
+        def dying() -> Any:
+            with real() as conn:
+                yield conn
+                _die()
+
+        self.catalog.transaction = dying
+        return original(self, *args, **kwargs)
+
+    staging_class.switch = switch
 
 
 def run_cli(args: list[str], fault: str, env: dict[str, str]) -> None:

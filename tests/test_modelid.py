@@ -95,7 +95,8 @@ def test_another_model_is_still_refused(tmp_path: Path, model: Path, photo_dir: 
         line = one_error_line(runner.invoke(app, ["--home", str(home), "--model", str(other), "search", "red"]))
         assert line == (
             f"error: {home} was indexed with model local-dir:{model}, not local-dir:{other}; "
-            f"drop --model to use local-dir:{model}, or pass --home DIR for a separate index"
+            f"drop --model to use local-dir:{model}, or pass --home DIR for a separate index, "
+            f"or run `mmsearch --model local-dir:{other} reindex` to switch this home to it"
         )
     assert meta(home)["model"] == f"local-dir:{model}"
 
