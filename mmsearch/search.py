@@ -178,13 +178,14 @@ def rerank_query(
     """(search vector, what the re-ranker needs of the query), from one encoder pass.
 
     Text→image: the text's projected token states; the end-of-text state is
-    the dual-encoder embedding, so the text tower runs once. Image→text: the
-    image is decoded and encoded once for both its vector and its patch tokens.
+    the dual-encoder embedding, so the text tower runs once (a CoCa model's
+    decoder reads the text itself). Image→text: the image is decoded and
+    encoded once for both its vector and its patch (or decoder) tokens.
     """
     import torch
 
     from mmsearch.rerank import TextStates
-    from mmsearch.towers import text_token_states
+    from mmsearch.towers import is_coca, text_token_states
 
     encoder = home.encoder()
     if target == "image":
@@ -193,6 +194,8 @@ def rerank_query(
         terms = parse_query(query, files=files)
         if len(terms) != 1 or terms[0].image is not None or terms[0].weight != 1.0:
             raise UsageError("re-ranking needs a plain text query, not query arithmetic")
+        if is_coca(encoder.model):
+            return encoder.embed_texts([terms[0].text])[0], terms[0].text
         with torch.inference_mode():
             tokens = encoder.tokenize([terms[0].text]).to(encoder.device)
             states, mask = text_token_states(encoder.model, tokens)
