@@ -172,6 +172,17 @@ def _image_with_tokens(encoder: "Encoder", image: ImageInput) -> tuple[np.ndarra
     return vectors[0], tokens[0]
 
 
+def _images_tokens(encoder: "Encoder", paths: list[Path], batch: int = 16) -> list[np.ndarray]:
+    """The re-ranker's tokens of image files, decoded and encoded in batches."""
+    import torch
+
+    out: list[np.ndarray] = []
+    for s in range(0, len(paths), batch):
+        pixels = torch.stack([encoder.preprocess(open_query_image(p, encoder.image_size)) for p in paths[s:s + batch]])
+        out.extend(encoder.embed_images_with_tokens(pixels)[1])
+    return out
+
+
 def rerank_query(
     home: Home, query: str | None, image: ImageInput | None, target: str, *, files: bool = True
 ) -> tuple[np.ndarray, Any]:
@@ -220,11 +231,12 @@ def rerank_hits(home: Home, prepared: Any, target: str, hits: list[Hit], k: int,
         hashes = home.catalog.image_hashes([int(h.id) for h in head])
         store = TokenStore.open(home.settings.home, encoder.spec.canonical)
         stored = store.get([hashes[int(h.id)] for h in head]) if store is not None else [None] * len(head)
-        candidates = []
-        for hit, tokens in zip(head, stored):
-            if tokens is None:  # indexed before the store existed: read the file once
-                tokens = _image_with_tokens(encoder, Path(str(hit.path)))[1]
-            candidates.append({"id": hit.id, "score": hit.score, "tokens": tokens})
+        missing = [i for i, tokens in enumerate(stored) if tokens is None]
+        if missing:  # indexed before the store existed: read those files again, one tower pass
+            stored = list(stored)
+            for i, tokens in zip(missing, _images_tokens(encoder, [Path(str(head[i].path)) for i in missing])):
+                stored[i] = tokens
+        candidates = [{"id": hit.id, "score": hit.score, "tokens": tokens} for hit, tokens in zip(head, stored)]
     else:
         candidates = [{"id": h.id, "score": h.score, "text": h.text or ""} for h in head]
     scores = reranker.score(prepared, candidates)
