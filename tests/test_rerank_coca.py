@@ -178,3 +178,15 @@ def test_train_fits_the_fusion_of_a_coca(tiny_coca: Path, shapes_pairs: Path, tm
     hit = np.array([[False, True], [True, False]])
     assert best_fusion_weight(dual, loglik, hit, scale=10.0, grid=(0.0, 0.5, 5.0)) == 0.5
     assert best_fusion_weight(dual, loglik, np.array([[True, False], [True, False]]), 10.0, (0.0, 5.0)) == 0.0
+
+
+def test_which_models_rerank_is_known_from_the_spec(tiny_coca: Path, tiny_model: Path, untrained_rerank_model: Path) -> None:
+    from mmsearch.modelspec import parse
+    from mmsearch.rerank import spec_has_reranker
+
+    assert spec_has_reranker(parse("coca_ViT-B-32:laion2b_s13b_b90k"))
+    assert spec_has_reranker(parse("coca_ViT-L-14:laion2b_s13b_b90k"))
+    assert not spec_has_reranker(parse("ViT-B-32:laion2b_s34b_b79k"))
+    assert spec_has_reranker(parse(str(tiny_coca)))
+    assert spec_has_reranker(parse(str(untrained_rerank_model)))
+    assert not spec_has_reranker(parse(str(tiny_model)))
