@@ -124,7 +124,7 @@ def main() -> None:
         rows.append(["image→text, --rerank K=50", f"{timed(lambda q: search(home, image=next(it), target='text', k=10, rerank_k=50)):.0f} ms"])
     print(machine())
     print(f"coca_ViT-B-32 (random weights), {args.images} images indexed in {index_s:.0f} s, {args.threads} threads, median of {args.rounds}×{len(queries)}")
-    print(f"decoder tokens per image: {store['tokens']} × {store['dim']} float16 = {row_bytes:,} B (vector: 512 × 4 = 2,048 B)")
+    print(f"decoder tokens per image: {store['tokens']} × {store['dim']} float16 = {row_bytes:,} B (against a 512-d vector)")
     print(table(["search, top 10", "latency"], rows))
 
 
