@@ -277,7 +277,8 @@ def search(
     top_k: int = typer.Option(10, "--top-k", "-k", metavar="N", help="How many results."),
     as_json: bool = typer.Option(False, "--json", help="One JSON object per result line, best first."),
     rerank: bool = typer.Option(
-        False, "--rerank", help="Re-score the best candidates with the model's cross-attention re-ranker."
+        False, "--rerank",
+        help="Re-score the best candidates with the model's cross-attention re-ranker (a CoCa model's own decoder).",
     ),
     rerank_k: int = typer.Option(50, "--rerank-k", metavar="K", help="How many candidates --rerank re-scores."),
     cutoff: Optional[str] = typer.Option(
@@ -571,7 +572,10 @@ def train(
         "small", "--base", metavar="SPEC",
         help="Start from this model spec, or 'small': the shipped small architecture, trained from scratch.",
     ),
-    epochs: int = typer.Option(30, "--epochs", metavar="N", help="Dual-encoder epochs."),
+    epochs: int = typer.Option(
+        30, "--epochs", metavar="N",
+        help="Dual-encoder epochs (0 with --base: keep its encoder, fit only the re-ranker, e.g. a CoCa's fusion).",
+    ),
     rerank_epochs: int = typer.Option(2, "--rerank-epochs", metavar="N", help="Re-ranker epochs."),
     batch: int = typer.Option(128, "--train-batch", metavar="N", help="Pairs per contrastive batch."),
     lr: Optional[float] = typer.Option(None, "--lr", help="Learning rate (default 1e-3 from scratch, 1e-5 from a base)."),

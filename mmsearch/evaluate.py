@@ -152,7 +152,7 @@ def _score(home: Any, images: list[Path], texts: list[str], links: list[tuple[in
     sims = txt @ img.T
     t2i_corr = i2t_corr = None
     if rerank:
-        from mmsearch.rerank import Reranker, TokenStore
+        from mmsearch.rerank import CaptionReranker, Reranker, TokenStore
 
         encoder = home.encoder()
         reranker = Reranker.load(encoder)
@@ -162,10 +162,14 @@ def _score(home: Any, images: list[Path], texts: list[str], links: list[tuple[in
         if len(rows) != len(image_ids) or any(r is None for r in rows):
             raise UsageError("the index holds no re-ranker tokens for some images; was it built with this model?")
         image_tokens = torch.from_numpy(np.stack(rows))
-        text_states, text_mask = text_states_padded(encoder.text_model, encoder.tokenizer, texts, encoder.device)
-        scorer = reranker.scorer
-        t2i_corr = scorer_corrections(scorer, text_states, text_mask, image_tokens, text_queries=True)
-        i2t_corr = scorer_corrections(scorer, text_states, text_mask, image_tokens, text_queries=False)
+        if isinstance(reranker, CaptionReranker):
+            t2i_corr = reranker.corrections(reranker.log_likelihood_table(texts, image_tokens, True), "text_to_image")
+            i2t_corr = reranker.corrections(reranker.log_likelihood_table(texts, image_tokens, False), "image_to_text")
+        else:
+            text_states, text_mask = text_states_padded(encoder.text_model, encoder.tokenizer, texts, encoder.device)
+            scorer = reranker.scorer
+            t2i_corr = scorer_corrections(scorer, text_states, text_mask, image_tokens, text_queries=True)
+            i2t_corr = scorer_corrections(scorer, text_states, text_mask, image_tokens, text_queries=False)
     has_image = positives.any(axis=1)
     t2i = positive_ranks(sims, positives, t2i_corr, rerank_k)[has_image]
     i2t = positive_ranks(np.ascontiguousarray(sims.T), np.ascontiguousarray(positives.T), i2t_corr, rerank_k)

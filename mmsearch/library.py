@@ -134,10 +134,9 @@ class Library:
 
     def has_reranker(self) -> bool:
         """Whether the model comes with a cross-attention re-ranker (without loading it)."""
-        from mmsearch.rerank import RERANKER_WEIGHTS
+        from mmsearch.rerank import spec_has_reranker
 
-        spec = self._home.spec
-        return spec.kind == "local-dir" and spec.path is not None and (spec.path / RERANKER_WEIGHTS).is_file()
+        return spec_has_reranker(self._home.spec)
 
     def encoder(self) -> "Encoder":
         """The encoder, loaded once."""

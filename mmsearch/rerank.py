@@ -1,10 +1,21 @@
 """Rerank stage: a cross-attention model re-scores the dual encoder's best candidates.
 
-The text's token states attend over the image's patch tokens; the attended
-features are read out as one number, a *correction* added to the dual-encoder
-cosine score. The read-out's last layer starts at zero, so an untrained
-re-ranker returns exactly the dual-encoder ranking. Both directions of search
-(text→image and image→text) score the same (text, image) pairing.
+Two kinds of re-ranker, one interface (``score(query, candidates)``):
+
+- :class:`Reranker`, trained by ``mmsearch train``: the text's token states
+  attend over the image's patch tokens; the attended features are read out as
+  one number, a *correction* added to the dual-encoder cosine score. The
+  read-out's last layer starts at zero, so an untrained re-ranker returns
+  exactly the dual-encoder ranking.
+- :class:`CaptionReranker`, for open_clip CoCa models: the model's own text
+  decoder, which cross-attends over the image's tokens, gives log p(text |
+  image); the correction is ``weight × log-likelihood / logit_scale``, so the
+  fused score ranks as ``logit_scale × cosine + weight × log-likelihood`` (a
+  product of the contrastive and the captioning model). Weight 0 is the dual
+  encoder alone; ``mmsearch train`` fits one weight per direction.
+
+Both directions of search (text→image and image→text) score the same
+(text, image) pairing.
 
 Per-image patch tokens are computed once, at index time, and kept in a
 memory-mapped float16 file under ``HOME/rerank/`` keyed by content hash, so
@@ -29,15 +40,24 @@ import torch
 from torch import nn
 
 from mmsearch.errors import HomeWriteError, RerankerUnavailableError
-from mmsearch.towers import image_token_states, text_token_states
+from mmsearch.towers import (
+    caption_log_likelihood, coca_text_states, image_token_states, is_coca, real_length, text_token_states,
+)
 
 if TYPE_CHECKING:
     from mmsearch.encode import Encoder
+    from mmsearch.evaluate import Corrections
     from mmsearch.home import Home
+    from mmsearch.modelspec import ModelSpec
 
 RERANKER_WEIGHTS = "reranker.safetensors"
 RERANKER_CONFIG = "reranker.json"
 DEFAULT_RERANK_K = 50
+#: ``kind`` in reranker.json of a CoCa model's fitted fusion weights (no weights file).
+CAPTION_KIND = "coca-caption"
+#: The fusion weight of a CoCa model nobody fitted: the two models' log-probabilities added.
+DEFAULT_CAPTION_WEIGHT = 1.0
+DIRECTIONS = ("text_to_image", "image_to_text")
 
 #: Held while a re-ranker is loaded, so threads that search at once load it once.
 _LOADING = threading.Lock()
@@ -105,11 +125,50 @@ def load_scorer(folder: Path, device: str = "cpu") -> CrossAttentionScorer:
 
 
 def reranker_folder(encoder: "Encoder") -> Path | None:
-    """The model folder holding a re-ranker, if the encoder's model has one."""
+    """The model folder holding a trained cross-attention re-ranker, if the encoder's model has one."""
     path = encoder.spec.path
     if encoder.spec.kind == "local-dir" and path is not None and (path / RERANKER_WEIGHTS).is_file():
         return path
     return None
+
+
+def spec_has_reranker(spec: "ModelSpec") -> bool:
+    """Whether a model re-ranks, judged from its spec and files without loading it.
+
+    A model folder with ``reranker.safetensors`` has a trained re-ranker; an
+    open_clip CoCa (a ``coca_*`` architecture, or a folder whose config has a
+    ``multimodal_cfg``) re-ranks with its own captioning decoder.
+    """
+    if spec.kind == "local-dir" and spec.path is not None:
+        if (spec.path / RERANKER_WEIGHTS).is_file():
+            return True
+        try:
+            config = json.loads((spec.path / "open_clip_config.json").read_text())
+        except (OSError, ValueError):
+            return False
+        return isinstance(config, dict) and "multimodal_cfg" in (config.get("model_cfg") or {})
+    if spec.kind == "hf-hub":
+        return "coca" in (spec.name or "").lower()
+    return (spec.name or "").lower().startswith("coca")
+
+
+def load_reranker(encoder: "Encoder") -> "Reranker | CaptionReranker":
+    """The encoder's re-ranker, loaded once per encoder (a search process re-ranks many queries)."""
+    with _LOADING:
+        cached = getattr(encoder, "_reranker", None)
+        if cached is None:
+            if is_coca(encoder.model):
+                cached = CaptionReranker(encoder, load_caption_weights(encoder))
+            else:
+                folder = reranker_folder(encoder)
+                if folder is None:
+                    raise RerankerUnavailableError(
+                        f"model {encoder.spec} has no re-ranker ({RERANKER_WEIGHTS}); "
+                        "train one with `mmsearch train PAIRS --out DIR` and use --model DIR"
+                    )
+                cached = Reranker(encoder, load_scorer(folder, encoder.device))
+            object.__setattr__(encoder, "_reranker", cached)
+    return cached
 
 
 @dataclass
@@ -134,19 +193,9 @@ class Reranker:
     scorer: CrossAttentionScorer
 
     @classmethod
-    def load(cls, encoder: "Encoder") -> "Reranker":
-        folder = reranker_folder(encoder)
-        if folder is None:
-            raise RerankerUnavailableError(
-                f"model {encoder.spec} has no re-ranker ({RERANKER_WEIGHTS}); "
-                "train one with `mmsearch train PAIRS --out DIR` and use --model DIR"
-            )
-        with _LOADING:  # loaded once per encoder: a search process re-ranks many queries
-            cached = getattr(encoder, "_reranker", None)
-            if cached is None:
-                cached = cls(encoder, load_scorer(folder, encoder.device))
-                object.__setattr__(encoder, "_reranker", cached)
-        return cached
+    def load(cls, encoder: "Encoder") -> "Reranker | CaptionReranker":
+        """The encoder's re-ranker (see :func:`load_reranker`): a CoCa model gets its decoder's."""
+        return load_reranker(encoder)
 
     def text_states(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         with torch.inference_mode():
@@ -178,6 +227,136 @@ class Reranker:
         order = np.argsort(-scores, kind="stable")
         ranked = [{"id": candidates[i]["id"], "score": float(scores[i])} for i in order]
         return ranked if top_k is None else ranked[:top_k]
+
+
+# -- a CoCa model's own decoder ---------------------------------------------------
+
+
+def load_caption_weights(encoder: "Encoder") -> dict[str, float]:
+    """The fusion weight per direction: fitted by ``train`` (reranker.json) or the default."""
+    weights = {d: DEFAULT_CAPTION_WEIGHT for d in DIRECTIONS}
+    path = encoder.spec.path
+    config_path = path / RERANKER_CONFIG if encoder.spec.kind == "local-dir" and path is not None else None
+    if config_path is None or not config_path.is_file():
+        return weights
+    try:
+        config = json.loads(config_path.read_text())
+        if config.get("kind") != CAPTION_KIND:
+            raise ValueError(f"kind is {config.get('kind')!r}, not {CAPTION_KIND!r}")
+        for d in DIRECTIONS:
+            weights[d] = float(config[d])
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise RerankerUnavailableError(f"{config_path}: cannot read the fusion weights ({str(exc)[:160]})") from None
+    return weights
+
+
+def save_caption_weights(folder: Path, weights: dict[str, float], info: dict[str, Any] | None = None) -> None:
+    """Write a CoCa model's fitted fusion weights as its reranker.json (JSON only, no tensors)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    config = {"kind": CAPTION_KIND, **{d: float(weights[d]) for d in DIRECTIONS}, **(info or {})}
+    (folder / RERANKER_CONFIG).write_text(json.dumps(config, indent=2))
+
+
+@dataclass
+class CaptionReranker:
+    """A CoCa model's text decoder as a re-ranker: dual score + weight × log p(text | image) / logit_scale.
+
+    ``score(query, candidates)`` takes what :class:`Reranker` takes: a text
+    query with image candidates carrying their decoder ``tokens`` (as stored
+    at index time), or an image's decoder tokens (array (P, width)) with text
+    candidates.
+    """
+
+    encoder: "Encoder"
+    weights: dict[str, float]
+    batch: int = 64
+
+    @property
+    def scale(self) -> float:
+        return float(self.encoder.model.logit_scale.exp().item())
+
+    def text_states(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(decoder input states (N, L, width), tokens (N, L)) of texts, cut at their real length."""
+        with torch.inference_mode():
+            return coca_text_states(self.encoder.model, self.encoder.tokenize(texts).to(self.encoder.device))
+
+    def log_likelihoods(self, states: torch.Tensor, tokens: torch.Tensor, image: torch.Tensor) -> np.ndarray:
+        """log p(text | image) of aligned rows: states/tokens (B, L, ...) and image tokens (B, P, width)."""
+        model, device = self.encoder.model, self.encoder.device
+        out = []
+        with torch.inference_mode():
+            for s in range(0, len(tokens), self.batch):
+                t = tokens[s:s + self.batch].to(device)
+                length = real_length(t)
+                x = states[s:s + self.batch, :length].to(device)
+                out.append(caption_log_likelihood(model, image[s:s + self.batch].to(device), x, t[:, :length]))
+        return torch.cat(out).float().cpu().numpy() if out else np.zeros(0, dtype=np.float32)
+
+    def score(self, query: "str | np.ndarray", candidates: Sequence[dict[str, Any]]) -> np.ndarray:
+        if not candidates:
+            return np.zeros(0, dtype=np.float32)
+        dual = np.array([float(c["score"]) for c in candidates], dtype=np.float32)
+        n = len(candidates)
+        if isinstance(query, str):
+            weight = self.weights["text_to_image"]
+            states, tokens = self.text_states([query])
+            images = torch.from_numpy(np.stack([np.asarray(c["tokens"]) for c in candidates]))
+            loglik = self.log_likelihoods(states.expand(n, -1, -1), tokens.expand(n, -1), images)
+        else:
+            weight = self.weights["image_to_text"]
+            states, tokens = self.text_states([str(c["text"]) for c in candidates])
+            image = torch.from_numpy(np.asarray(query))[None].expand(n, -1, -1)
+            loglik = self.log_likelihoods(states, tokens, image)
+        if weight == 0.0:
+            return dual  # exactly the dual-encoder scores
+        return (dual + weight * loglik / self.scale).astype(np.float32)
+
+    def rank(self, query: "str | np.ndarray", candidates: Sequence[dict[str, Any]], top_k: int | None = None) -> list[dict[str, Any]]:
+        """Candidates best first, as ``[{"id", "score"}]`` (CrossEncoder style)."""
+        scores = self.score(query, candidates)
+        order = np.argsort(-scores, kind="stable")
+        ranked = [{"id": candidates[i]["id"], "score": float(scores[i])} for i in order]
+        return ranked if top_k is None else ranked[:top_k]
+
+    def log_likelihood_table(
+        self, texts: Sequence[str], image_tokens: torch.Tensor, text_queries: bool, batch: int = 256
+    ) -> "Corrections":
+        """A function (query rows, candidate rows) -> log-likelihoods, over many texts and images.
+
+        Used by ``eval`` and ``train``: the texts' states are computed once;
+        ``text_queries`` says whether query rows index ``texts`` (else
+        ``image_tokens``). Returns raw log-likelihoods, not weighted.
+        """
+        parts = [self.text_states(list(texts[s:s + batch])) for s in range(0, len(texts), batch)]
+        length = max(t.shape[1] for _, t in parts)
+        states = torch.cat([torch.nn.functional.pad(x, (0, 0, 0, length - x.shape[1])) for x, _ in parts])
+        tokens = torch.cat([torch.nn.functional.pad(t, (0, length - t.shape[1])) for _, t in parts])
+        # rows are gathered pair by pair; sort them by length so each batch is cut short
+        lengths = (tokens != 0).sum(dim=1).numpy()
+
+        def run(rows: np.ndarray, cands: np.ndarray) -> np.ndarray:
+            q = np.repeat(rows, cands.shape[1])
+            c = cands.reshape(-1)
+            t_idx, i_idx = (q, c) if text_queries else (c, q)
+            order = np.argsort(lengths[t_idx], kind="stable")
+            t_sorted, i_sorted = torch.from_numpy(t_idx[order]), torch.from_numpy(i_idx[order])
+            values = self.log_likelihoods(states[t_sorted], tokens[t_sorted], image_tokens[i_sorted])
+            out = np.empty(len(order), dtype=np.float32)
+            out[order] = values
+            return out.reshape(cands.shape)
+
+        return run
+
+    def corrections(self, loglik: "Corrections", direction: str) -> "Corrections":
+        """The fused corrections (weight × log-likelihood / logit_scale) over a :meth:`log_likelihood_table`."""
+        weight, scale = self.weights[direction], self.scale
+
+        def run(rows: np.ndarray, cands: np.ndarray) -> np.ndarray:
+            if weight == 0.0:
+                return np.zeros(cands.shape, dtype=np.float32)
+            return weight * loglik(rows, cands) / scale
+
+        return run
 
 
 # -- index-time token storage ----------------------------------------------------
@@ -282,11 +461,11 @@ def token_sink(home: "Home", encoder: "Encoder", folder: Path | None = None) -> 
     ``folder`` holds the store's ``rerank/`` instead of the home (``reindex``
     fills one for the new model beside the one in use).
 
-    Tokens cost tokens×dim×2 bytes per image (9 KiB for the shipped small
-    model, 49 KiB for ViT-B-32) against 0.5–2 KiB for a vector, so they are
-    kept only where a re-ranker can use them.
+    Tokens cost tokens×dim×2 bytes per image (4 KiB for the shipped small
+    model, 255 KiB for a CoCa ViT-B-32's decoder tokens) against 0.5–2 KiB
+    for a vector, so they are kept only where a re-ranker can use them.
     """
-    if reranker_folder(encoder) is None:
+    if reranker_folder(encoder) is None and not is_coca(encoder.model):
         return None
     size = encoder.image_size
     with torch.inference_mode():

@@ -172,19 +172,31 @@ def _image_with_tokens(encoder: "Encoder", image: ImageInput) -> tuple[np.ndarra
     return vectors[0], tokens[0]
 
 
+def _images_tokens(encoder: "Encoder", paths: list[Path], batch: int = 16) -> list[np.ndarray]:
+    """The re-ranker's tokens of image files, decoded and encoded in batches."""
+    import torch
+
+    out: list[np.ndarray] = []
+    for s in range(0, len(paths), batch):
+        pixels = torch.stack([encoder.preprocess(open_query_image(p, encoder.image_size)) for p in paths[s:s + batch]])
+        out.extend(encoder.embed_images_with_tokens(pixels)[1])
+    return out
+
+
 def rerank_query(
     home: Home, query: str | None, image: ImageInput | None, target: str, *, files: bool = True
 ) -> tuple[np.ndarray, Any]:
     """(search vector, what the re-ranker needs of the query), from one encoder pass.
 
     Text→image: the text's projected token states; the end-of-text state is
-    the dual-encoder embedding, so the text tower runs once. Image→text: the
-    image is decoded and encoded once for both its vector and its patch tokens.
+    the dual-encoder embedding, so the text tower runs once (a CoCa model's
+    decoder reads the text itself). Image→text: the image is decoded and
+    encoded once for both its vector and its patch (or decoder) tokens.
     """
     import torch
 
     from mmsearch.rerank import TextStates
-    from mmsearch.towers import text_token_states
+    from mmsearch.towers import is_coca, text_token_states
 
     encoder = home.encoder()
     if target == "image":
@@ -193,6 +205,8 @@ def rerank_query(
         terms = parse_query(query, files=files)
         if len(terms) != 1 or terms[0].image is not None or terms[0].weight != 1.0:
             raise UsageError("re-ranking needs a plain text query, not query arithmetic")
+        if is_coca(encoder.model):
+            return encoder.embed_texts([terms[0].text])[0], terms[0].text
         with torch.inference_mode():
             tokens = encoder.tokenize([terms[0].text]).to(encoder.device)
             states, mask = text_token_states(encoder.text_model, tokens)
@@ -217,11 +231,12 @@ def rerank_hits(home: Home, prepared: Any, target: str, hits: list[Hit], k: int,
         hashes = home.catalog.image_hashes([int(h.id) for h in head])
         store = TokenStore.open(home.settings.home, encoder.spec.canonical)
         stored = store.get([hashes[int(h.id)] for h in head]) if store is not None else [None] * len(head)
-        candidates = []
-        for hit, tokens in zip(head, stored):
-            if tokens is None:  # indexed before the store existed: read the file once
-                tokens = _image_with_tokens(encoder, Path(str(hit.path)))[1]
-            candidates.append({"id": hit.id, "score": hit.score, "tokens": tokens})
+        missing = [i for i, tokens in enumerate(stored) if tokens is None]
+        if missing:  # indexed before the store existed: read those files again, one tower pass
+            stored = list(stored)
+            for i, tokens in zip(missing, _images_tokens(encoder, [Path(str(head[i].path)) for i in missing])):
+                stored[i] = tokens
+        candidates = [{"id": hit.id, "score": hit.score, "tokens": tokens} for hit, tokens in zip(head, stored)]
     else:
         candidates = [{"id": h.id, "score": h.score, "text": h.text or ""} for h in head]
     scores = reranker.score(prepared, candidates)

@@ -27,23 +27,34 @@ from mmsearch.errors import RerankerUnavailableError
 # -- the image tower -----------------------------------------------------------------
 
 
+def is_coca(model: Any) -> bool:
+    """Whether the model is an open_clip CoCa: a dual encoder plus a captioning text decoder."""
+    return hasattr(model, "text_decoder") and hasattr(model, "text") and hasattr(model.visual, "attn_pool")
+
+
 def image_token_states(model: Any, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(pooled embedding before normalisation, patch tokens projected to the shared space).
 
     Runs the vision tower's own forward pieces rather than its ``forward``, whose
     output depends on the tower's ``output_tokens`` flag: flipping that flag for
     one call raced with every other thread using the same model.
+
+    For a CoCa model the tokens are what its text decoder cross-attends over:
+    the attentional pooler's outputs after ``ln_post``, unprojected, exactly
+    as :class:`open_clip.CoCa` hands them to its decoder.
     """
     visual = model.visual
     pieces = ("_embeds", "_pool", "transformer")
-    if not all(hasattr(visual, name) for name in pieces) or getattr(visual, "attn_pool", None) is not None:
-        raise RerankerUnavailableError("re-ranking needs a plain ViT image tower (open_clip VisionTransformer)")
+    coca = is_coca(model)
+    if not all(hasattr(visual, name) for name in pieces) or (getattr(visual, "attn_pool", None) is not None and not coca):
+        raise RerankerUnavailableError("re-ranking needs a plain ViT image tower (open_clip VisionTransformer) or a CoCa model")
     x = visual._embeds(pixels)
     x = visual.transformer(x)
     pooled, tokens = visual._pool(x)
     if visual.proj is not None:
         pooled = pooled @ visual.proj
-        tokens = tokens @ visual.proj
+        if not coca:
+            tokens = tokens @ visual.proj
     return pooled, tokens
 
 
@@ -164,6 +175,41 @@ def text_token_states(model: Any, tokens: torch.Tensor) -> tuple[torch.Tensor, t
     positions = torch.arange(tokens.shape[1], device=tokens.device)
     mask = positions[None, :] <= tokens.argmax(dim=-1)[:, None]
     return x, mask
+
+
+# -- CoCa's captioning decoder --------------------------------------------------------
+
+
+def coca_text_states(model: Any, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(per-token states of the unimodal text tower, the tokens cut at their real length).
+
+    The states are what :class:`open_clip.CoCa` feeds its decoder (before
+    ``ln_final``, the appended class token dropped). The tower is causal, so
+    cutting the padding changes no real token's state.
+    """
+    tokens = tokens[:, :real_length(tokens)]
+    tower = model.text
+    x, attn_mask = tower._embeds(tokens)
+    x = tower.transformer(x, attn_mask=attn_mask)
+    return x[:, :-1], tokens
+
+
+def caption_log_likelihood(
+    model: Any, image_tokens: torch.Tensor, text_states: torch.Tensor, tokens: torch.Tensor
+) -> torch.Tensor:
+    """log p(text | image) under CoCa's decoder, summed over the text's tokens: (B,).
+
+    ``image_tokens`` (B, P, width) are the image's decoder tokens
+    (:func:`image_token_states`), ``text_states`` and ``tokens`` come from
+    :func:`coca_text_states`. Each position predicts the next token (teacher
+    forcing, as in CoCa's captioning loss); the end-of-text token counts,
+    padding does not.
+    """
+    logits = model.text_decoder(image_tokens.to(text_states.dtype), text_states[:, :-1])
+    labels = tokens[:, 1:]
+    logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+    pad_id = int(getattr(model, "pad_id", 0))
+    return (logp * (labels != pad_id)).sum(dim=-1)
 
 
 # -- building a model whose weights are loaded next -------------------------------------

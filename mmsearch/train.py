@@ -11,6 +11,12 @@
 4. The re-ranker is kept only if it does not lower validation Recall@1 in
    either direction; the model folder works as ``--model DIR``.
 
+A CoCa base (``--base coca_ViT-B-32:laion2b_s13b_b90k``) re-ranks with its
+own captioning decoder: its dual-encoder epochs add CoCa's captioning loss,
+and instead of a cross-attention scorer ``train`` fits the weight that fuses
+the decoder's log-likelihood with the contrastive score, per direction, on
+the dual encoder's top candidates (``--epochs 0`` fits only that).
+
 Everything is written as safetensors + JSON; nothing is pickled.
 """
 
@@ -31,10 +37,14 @@ import torch.nn.functional as F
 from mmsearch.errors import InputFileError, UsageError
 from mmsearch.evaluate import positive_ranks, recalls, scorer_corrections, text_states_padded
 from mmsearch.pairs import Pair, group, read_pairs
-from mmsearch.rerank import CrossAttentionScorer, save_scorer
-from mmsearch.towers import encode_text_tokens, image_token_states
+from mmsearch.rerank import DIRECTIONS, CaptionReranker, CrossAttentionScorer, save_caption_weights, save_scorer
+from mmsearch.towers import caption_log_likelihood, coca_text_states, encode_text_tokens, image_token_states, is_coca
 
 SMALL = "mmsearch-small"
+#: Candidate weights of the CoCa fusion (log-likelihood against logit_scale × cosine).
+CAPTION_WEIGHTS = (0.0, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0)
+#: CoCa's own balance of its captioning loss against the contrastive one.
+CAPTION_LOSS_WEIGHT = 2.0
 CHECKPOINT = ".checkpoint"
 INFO_FILE = "mmsearch_model.json"
 
@@ -53,6 +63,7 @@ class TrainOptions:
     negatives: int = 15
     mine_k: int = 50
     dual_dropout: float = 0.0  # share of re-ranker training queries that see no dual score
+    fit_queries: int = 256  # per direction, for fitting a CoCa model's fusion weights
     device: str = "cpu"
 
 
@@ -197,6 +208,7 @@ def _train_dual(
 ) -> int:
     from tqdm import tqdm
 
+    coca = is_coca(model)
     n = len(image_of)
     batch = min(opts.batch_size, n)
     steps = max(1, n // batch)
@@ -234,7 +246,15 @@ def _train_dual(
                 idx = perm[step * batch:(step + 1) * batch]
                 imgs = _augment(pixels[image_t[idx]], gen).to(opts.device)
                 toks = tokens[text_t[idx]].to(opts.device)
-                img_f = F.normalize(model.encode_image(imgs), dim=-1)
+                caption_loss = None
+                if coca:  # one image pass for the contrastive vector and the decoder's tokens
+                    pooled, image_tokens = image_token_states(model, imgs)
+                    img_f = F.normalize(pooled, dim=-1)
+                    states, cut = coca_text_states(model, toks)
+                    real = (cut[:, 1:] != 0).sum().clamp(min=1)
+                    caption_loss = -caption_log_likelihood(model, image_tokens, states, cut).sum() / real
+                else:
+                    img_f = F.normalize(model.encode_image(imgs), dim=-1)
                 txt_f = F.normalize(encode_text_tokens(model, toks), dim=-1)
                 scale = model.logit_scale.exp().clamp(max=100)
                 logits = scale * img_f @ txt_f.T
@@ -247,6 +267,8 @@ def _train_dual(
                     -(target_i * F.log_softmax(logits, dim=1)).sum(1).mean()
                     - (target_t * F.log_softmax(logits.T, dim=1)).sum(1).mean()
                 )
+                if caption_loss is not None:
+                    loss = loss + CAPTION_LOSS_WEIGHT * caption_loss
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -354,6 +376,102 @@ def _train_reranker(
     return scorer.eval()
 
 
+# -- a CoCa model: fit the fusion of its decoder's log-likelihood -------------------
+
+
+@torch.inference_mode()
+def _coca_frozen(model: Any, tokenizer: Any, pixels: torch.Tensor, texts: list[str], device: str) -> dict[str, Any]:
+    """Normalised vectors of images and texts, and the images' decoder tokens."""
+    vecs, toks = [], []
+    for s in range(0, len(pixels), 64):
+        pooled, tokens = image_token_states(model, pixels[s:s + 64].to(device))
+        vecs.append(F.normalize(pooled.float(), dim=-1).cpu())
+        toks.append(tokens.float().cpu())
+    txt = [F.normalize(encode_text_tokens(model, tokenizer(texts[s:s + 256]).to(device)).float(), dim=-1).cpu()
+           for s in range(0, len(texts), 256)]
+    return {"img": torch.cat(vecs), "tok": torch.cat(toks), "txt": torch.cat(txt)}
+
+
+def _direction(sims: np.ndarray, positives: np.ndarray, direction: str) -> tuple[np.ndarray, np.ndarray]:
+    """(scores, positives) with queries as rows, for one direction."""
+    if direction == "text_to_image":
+        return sims, positives
+    return np.ascontiguousarray(sims.T), np.ascontiguousarray(positives.T)
+
+
+def best_fusion_weight(
+    dual: np.ndarray, loglik: np.ndarray, hit: np.ndarray, scale: float, grid: tuple[float, ...] = CAPTION_WEIGHTS
+) -> float:
+    """The weight of ``grid`` whose fused top candidate is right most often (the smallest on ties).
+
+    ``dual``, ``loglik`` and ``hit`` are (queries, K): each query's top K
+    candidates by dual score, their log-likelihoods and whether each is right.
+    """
+    best, best_hits = 0.0, -1
+    rows = np.arange(len(dual))
+    for weight in sorted(grid):
+        top = np.argmax(dual + weight * loglik / scale, axis=1)
+        hits = int(hit[rows, top].sum())
+        if hits > best_hits:
+            best, best_hits = weight, hits
+    return best
+
+
+def _fit_caption_fusion(
+    model: Any, tokenizer: Any, preprocess: Callable, opts: TrainOptions,
+    train_set: tuple[torch.Tensor, list[str], np.ndarray], val_set: tuple[torch.Tensor, list[str], np.ndarray],
+) -> TrainReport:
+    """Fit a CoCa model's fusion weight per direction on training queries; keep it only if validation agrees.
+
+    A direction whose fitted fusion lowers validation Recall@1 gets weight 0
+    (the dual encoder alone); the weights are written as ``reranker.json``.
+    """
+    from mmsearch.encode import Encoder
+    from mmsearch.modelspec import ModelSpec
+
+    encoder = Encoder(ModelSpec("local-dir", path=opts.out.resolve()), model, preprocess, tokenizer, opts.device)
+    reranker = CaptionReranker(encoder, {d: 0.0 for d in DIRECTIONS})
+    rng = np.random.default_rng(opts.seed)
+    pixels, texts, positives = train_set
+    frozen = _coca_frozen(model, tokenizer, pixels, texts, opts.device)
+    sims = (frozen["txt"] @ frozen["img"].T).numpy()
+    weights = {}
+    for d in DIRECTIONS:
+        scores, pos = _direction(sims, positives, d)
+        queries = np.flatnonzero(pos.any(axis=1))
+        queries = np.sort(rng.permutation(queries)[: opts.fit_queries])
+        k = min(opts.mine_k, scores.shape[1])
+        top = np.argsort(-scores[queries], axis=1, kind="stable")[:, :k]
+        table = reranker.log_likelihood_table(texts, frozen["tok"], d == "text_to_image")
+        weights[d] = best_fusion_weight(
+            np.take_along_axis(scores[queries], top, axis=1), table(queries, top),
+            np.take_along_axis(pos[queries], top, axis=1), reranker.scale,
+        )
+
+    va_pixels, va_texts, va_pos = val_set
+    val = _coca_frozen(model, tokenizer, va_pixels, va_texts, opts.device)
+    va_sims = (val["txt"] @ val["img"].T).numpy()
+    reranker.weights = weights
+    val_dual, val_rerank = {}, {}
+    for d in DIRECTIONS:
+        scores, pos = _direction(va_sims, va_pos, d)
+        has = pos.any(axis=1)
+        table = reranker.log_likelihood_table(va_texts, val["tok"], d == "text_to_image")
+        val_dual[d] = recalls(positive_ranks(scores, pos, None, opts.mine_k)[has])
+        val_rerank[d] = recalls(positive_ranks(scores, pos, reranker.corrections(table, d), opts.mine_k)[has])
+    refused = [d for d in DIRECTIONS if val_rerank[d]["R@1"] < val_dual[d]["R@1"]]
+    kept = {d: (0.0 if d in refused else weights[d]) for d in DIRECTIONS}
+    save_caption_weights(opts.out, kept, {"fitted": weights, "trained_on": str(opts.pairs), "rerank_k": opts.mine_k})
+    fitted = ", ".join(f"{d.replace('_to_', '→')} {weights[d]:g}" for d in DIRECTIONS)
+    message = f"CoCa fusion weights fitted ({fitted})"
+    if refused:
+        message += "; set to 0 (dual encoder alone) where they lowered validation Recall@1: " + ", ".join(refused)
+    return TrainReport(
+        out=str(opts.out), train_pairs=0, val_pairs=0, epochs=opts.epochs, resumed_from_epoch=0, seconds=0.0,
+        val_dual=val_dual, val_rerank=val_rerank, reranker_saved=any(kept.values()), message=message,
+    )
+
+
 def accept_reranker(dual: dict[str, dict[str, float]], rerank: dict[str, dict[str, float]]) -> bool:
     """A re-ranker is kept only if validation R@1 is not lower in either direction."""
     return all(rerank[d]["R@1"] >= dual[d]["R@1"] for d in ("text_to_image", "image_to_text"))
@@ -371,8 +489,8 @@ def train(opts: TrainOptions, *, progress: bool = True, say: Callable[[str], Non
     from safetensors.torch import save_file
 
     started = time.perf_counter()
-    if opts.epochs < 1 or opts.rerank_epochs < 0:
-        raise UsageError("--epochs must be at least 1")
+    if opts.epochs < 0 or (opts.epochs == 0 and opts.base == "small") or opts.rerank_epochs < 0:
+        raise UsageError("--epochs must be at least 1 (0 only with a --base, to fit its re-ranker alone)")
     if opts.batch_size < 2:
         raise UsageError(f"--batch-size must be at least 2 for contrastive training, got {opts.batch_size}")
     torch.manual_seed(opts.seed)
@@ -402,11 +520,20 @@ def train(opts: TrainOptions, *, progress: bool = True, say: Callable[[str], Non
     for name in ("reranker.safetensors", "reranker.json"):
         (opts.out / name).unlink(missing_ok=True)
 
+    va_images, va_texts, va_links = group(val_pairs)
+    if is_coca(model):
+        report = _fit_caption_fusion(
+            model, tokenizer, preprocess, opts,
+            (pixels, tr_texts, _positives(tr_images, tr_texts, tr_links)),
+            (_load_pixels(va_images, preprocess, size), va_texts, _positives(va_images, va_texts, va_links)),
+        )
+        report.train_pairs, report.val_pairs, report.resumed_from_epoch = len(train_pairs), len(val_pairs), resumed
+        return _finish(report, opts, started)
+
     frozen = _frozen_states(model, tokenizer, pixels, tr_texts, opts.device)
     scale = float(model.logit_scale.exp().item())
     scorer = _train_reranker(frozen, _positives(tr_images, tr_texts, tr_links), scale, opts, progress)
 
-    va_images, va_texts, va_links = group(val_pairs)
     val_frozen = _frozen_states(model, tokenizer, _load_pixels(va_images, preprocess, size), va_texts, opts.device)
     val_pos = _positives(va_images, va_texts, va_links)
     report = TrainReport(
@@ -426,6 +553,11 @@ def train(opts: TrainOptions, *, progress: bool = True, say: Callable[[str], Non
             f"image→text {report.val_dual['image_to_text']['R@1']:.3f} → {report.val_rerank['image_to_text']['R@1']:.3f}); "
             "the dual encoder alone was saved"
         )
+    return _finish(report, opts, started)
+
+
+def _finish(report: TrainReport, opts: TrainOptions, started: float) -> TrainReport:
+    """Time the run and write its report next to the model (``mmsearch_model.json``)."""
     report.seconds = time.perf_counter() - started
     info = {"base": opts.base, "pairs": str(opts.pairs), "options": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(opts).items()},
             **report.as_dict()}

@@ -1,9 +1,10 @@
-"""Split the emoji data set's pairs.jsonl into one pair file per style.
+"""Split the emoji data set's pairs.jsonl into pair files per style and leave-one-style-out sets.
 
     python scripts/emoji_pairs.py /work/shared/datasets/emoji OUTDIR
 
-writes OUTDIR/twitter.jsonl and OUTDIR/facebook.jsonl whose ``image`` fields
-are absolute paths into the data set (nothing is copied).
+writes OUTDIR/STYLE.jsonl for each style, OUTDIR/without-STYLE.jsonl (every
+other style, to train on while STYLE is held out) and OUTDIR/all.jsonl. The
+``image`` fields are absolute paths into the data set (nothing is copied).
 """
 
 import json
@@ -12,13 +13,15 @@ from pathlib import Path
 
 root, out = Path(sys.argv[1]).resolve(), Path(sys.argv[2])
 out.mkdir(parents=True, exist_ok=True)
-files = {}
+lines: dict[str, list[str]] = {}
 for line in (root / "pairs.jsonl").read_text(encoding="utf-8").splitlines():
     rec = json.loads(line)
-    if rec["style"] not in files:
-        files[rec["style"]] = open(out / f"{rec['style']}.jsonl", "w", encoding="utf-8")
-    f = files[rec["style"]]
-    f.write(json.dumps({"image": str(root / rec["image"]), "text": rec["text"]}, ensure_ascii=False) + "\n")
-for style, f in files.items():
-    f.close()
-    print(style, sum(1 for _ in open(out / f"{style}.jsonl")), file=sys.stderr)
+    lines.setdefault(rec["style"], []).append(
+        json.dumps({"image": str(root / rec["image"]), "text": rec["text"]}, ensure_ascii=False) + "\n"
+    )
+for style, rows in lines.items():
+    (out / f"{style}.jsonl").write_text("".join(rows), encoding="utf-8")
+    others = [row for other, rest in lines.items() if other != style for row in rest]
+    (out / f"without-{style}.jsonl").write_text("".join(others), encoding="utf-8")
+    print(style, len(rows), f"without-{style}", len(others), file=sys.stderr)
+(out / "all.jsonl").write_text("".join(row for rows in lines.values() for row in rows), encoding="utf-8")

@@ -49,6 +49,48 @@ def save_tiny_model(folder: Path, seed: int = 0, cfg: dict | None = None) -> Pat
     return folder
 
 
+TINY_COCA_CFG = {
+    "embed_dim": 32,
+    "vision_cfg": {
+        "image_size": 32, "layers": 1, "width": 32, "patch_size": 8, "head_width": 16,
+        "attentional_pool": True, "attn_pooler_heads": 2, "attn_pooler_queries": 9, "output_tokens": True,
+    },
+    "text_cfg": {
+        "context_length": 76, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1,
+        "embed_cls": True, "output_tokens": True,
+    },
+    "multimodal_cfg": {"context_length": 76, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1, "attn_pooler_heads": 2},
+    "custom_text": True,
+}
+
+
+def save_tiny_coca(folder: Path, seed: int = 0) -> Path:
+    """A randomly initialised tiny open_clip CoCa in the local-dir layout.
+
+    A freshly built CoCa's decoder projection to the vocabulary is all zeros
+    (every text equally likely whatever the image), so it gets random
+    weights here: a test of the decoder's scores could not fail otherwise.
+    """
+    import open_clip
+    import torch
+    from safetensors.torch import save_file
+
+    torch.manual_seed(seed)
+    model = open_clip.CoCa(**{k: v for k, v in TINY_COCA_CFG.items() if k != "custom_text"})
+    torch.nn.init.normal_(model.text_decoder.text_projection, std=0.5)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "open_clip_config.json").write_text(
+        json.dumps({"model_cfg": TINY_COCA_CFG, "preprocess_cfg": TINY_PREPROCESS})
+    )
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, folder / "open_clip_model.safetensors")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_coca(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return save_tiny_coca(tmp_path_factory.mktemp("models") / "tiny-coca")
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return save_tiny_model(tmp_path_factory.mktemp("models") / "tiny")
