@@ -33,6 +33,7 @@ import os
 import threading
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
@@ -46,9 +47,12 @@ from mmsearch.towers import (
 
 if TYPE_CHECKING:
     from mmsearch.encode import Encoder
-    from mmsearch.evaluate import Corrections
     from mmsearch.home import Home
     from mmsearch.modelspec import ModelSpec
+
+#: (query rows, candidate rows) -> one value per pair: what ``eval`` and
+#: ``train`` read scores and corrections from (``mmsearch.evaluate.Corrections``).
+RowTable = Callable[[np.ndarray, np.ndarray], np.ndarray]
 
 RERANKER_WEIGHTS = "reranker.safetensors"
 RERANKER_CONFIG = "reranker.json"
@@ -320,7 +324,7 @@ class CaptionReranker:
 
     def log_likelihood_table(
         self, texts: Sequence[str], image_tokens: torch.Tensor, text_queries: bool, batch: int = 256
-    ) -> "Corrections":
+    ) -> RowTable:
         """A function (query rows, candidate rows) -> log-likelihoods, over many texts and images.
 
         Used by ``eval`` and ``train``: the texts' states are computed once;
@@ -347,7 +351,7 @@ class CaptionReranker:
 
         return run
 
-    def corrections(self, loglik: "Corrections", direction: str) -> "Corrections":
+    def corrections(self, loglik: RowTable, direction: str) -> RowTable:
         """The fused corrections (weight × log-likelihood / logit_scale) over a :meth:`log_likelihood_table`."""
         weight, scale = self.weights[direction], self.scale
 
