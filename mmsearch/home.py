@@ -24,7 +24,7 @@ from mmsearch.errors import (
 from mmsearch.settings import DEFAULT_MODEL, Settings
 from mmsearch.schema import KINDS, Kind
 from mmsearch.sqlite_backend import READ_ONLY_ERRNOS, read_only_error
-from mmsearch.store import Catalog
+from mmsearch.store import Catalog, catalog_exists
 
 if TYPE_CHECKING:
     from mmsearch.encode import Encoder
@@ -51,7 +51,7 @@ class Home:
 
     @classmethod
     def open(cls, settings: Settings, *, create: bool = True) -> "Home":
-        return cls(settings, Catalog.open(settings.catalog_path, create=create))
+        return cls(settings, Catalog.open(catalog_location(settings), create=create))
 
     def close(self) -> None:
         self.catalog.close()
@@ -278,7 +278,8 @@ class Home:
 
     @contextmanager
     def write_lock(self) -> Iterator[None]:
-        """Only one writer per home; a second one fails at once with a clear message."""
+        """Only one writer per home, and per catalog (homes on other machines may share a
+        catalog on a server); a second one fails at once with a clear message."""
         path: Path = self.settings.lock_path
         if self.catalog.readonly:
             raise read_only_error(self.settings.home)
@@ -300,7 +301,8 @@ class Home:
                 os.pwrite(fd, str(os.getpid()).encode(), 0)
             except OSError:
                 pass  # a full disk: the lock holds without the pid, and the write that matters fails with its own line
-            yield
+            with self.catalog.writer_lock():
+                yield
         finally:
             os.close(fd)
 
@@ -340,10 +342,23 @@ def _rename_model_in(path: Path, old: str, new: str) -> None:
             os.unlink(tmp)
 
 
+def catalog_location(settings: Settings) -> Path | str:
+    """Where the home's catalog is: the URL of a server's database, else the home's SQLite file."""
+    return settings.catalog if settings.catalog is not None else settings.catalog_path
+
+
 def status(settings: Settings) -> dict[str, object]:
-    """What a home holds: counts, model, sizes on disk."""
-    out: dict[str, object] = {"home": str(settings.home), "exists": settings.catalog_path.exists()}
-    if not settings.catalog_path.exists():
+    """What a home holds: counts, model, sizes on disk, and where its catalog is (never a password)."""
+    from mmsearch.settings import url_without_password
+
+    where = catalog_location(settings)
+    exists = catalog_exists(where)
+    out: dict[str, object] = {
+        "home": str(settings.home), "exists": exists,
+        "catalog_backend": "postgresql" if settings.catalog_on_server else "sqlite",
+        "catalog_url": url_without_password(settings.catalog) if settings.catalog else f"sqlite:///{where}",
+    }
+    if not exists:
         out.update({"model": None, "dim": None, "images": 0, "texts": 0})
         return out
     with Home.open(settings, create=False) as home:
@@ -351,8 +366,7 @@ def status(settings: Settings) -> dict[str, object]:
         out["dim"] = home.dim
         out["images"] = home.catalog.count("image")
         out["texts"] = home.catalog.count("text")
-        files = [settings.catalog_path, *settings.home.glob("catalog.sqlite3-*")]
-        out["catalog_bytes"] = sum(p.stat().st_size for p in files if p.exists())
+        out["catalog_bytes"] = home.catalog.backend.size_bytes()
         for kind in ("image", "text"):
             path = settings.index_path(kind)
             out[f"{kind}_index_bytes"] = path.stat().st_size if path.exists() else 0

@@ -193,13 +193,13 @@ def test_commits_are_checkpointed_in_the_background_and_close_stops_the_thread(t
     with Catalog.open(path) as catalog:
         before = path.stat().st_size
         catalog.write_images([_row(i, 512) for i in range(2000)], [])
-        assert catalog._checkpointer.wait_idle(timeout=60)
+        assert catalog.backend.checkpointer.wait_idle(timeout=60)
         # the rows are in the database file itself, not only in the WAL (a
         # commit leaves them there until the WAL passes 256 MiB)
         assert path.stat().st_size > before + 2000 * 1024
         assert checkpointers() == 1
         catalog.write_images([_row(i, 512) for i in range(2000, 2100)], [])
-        assert catalog._checkpointer.wait_idle(timeout=60) and checkpointers() == 1  # one thread, reused
+        assert catalog.backend.checkpointer.wait_idle(timeout=60) and checkpointers() == 1  # one thread, reused
     assert checkpointers() == 0
     with Catalog.open(path) as catalog:
         assert catalog.count("image") == 2100
@@ -216,6 +216,6 @@ def test_a_checkpointer_that_cannot_connect_leaves_commits_to_checkpoint_themsel
     monkeypatch.setattr(Checkpointer, "_connect", refuse)
     with Catalog.open(tmp_path / "c.sqlite3") as catalog:
         catalog.write_images([_row(1)], [])
-        assert catalog._checkpointer.wait_idle(timeout=30)
+        assert catalog.backend.checkpointer.wait_idle(timeout=30)
         catalog.write_images([_row(2)], [])  # no thread any more; writes go on
-        assert catalog._checkpointer.wait_idle(timeout=1) and catalog.count("image") == 2
+        assert catalog.backend.checkpointer.wait_idle(timeout=1) and catalog.count("image") == 2
