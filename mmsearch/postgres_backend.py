@@ -253,7 +253,7 @@ class PostgresBackend:
         """Why a statement failed, in one line; a lost connection says so and what it means."""
         reason = _reason(exc)
         if _lost(exc):
-            return f"lost the connection to the server ({reason}); what was committed before is kept, run it again"
+            return f"lost the connection to the server ({reason})"
         return reason
 
     def integrity_problems(self, conn: Connection) -> list[str]:

@@ -107,9 +107,13 @@ def url_without_password(url: str) -> str:
         parsed = make_url(url)
     except ArgumentError:
         return re.sub(r"(//[^/:@]*):[^/@]*@", r"\1@", url)  # user:password@ -> user@, whatever the rest is
-    query = {k: v for k, v in parsed.query.items() if k.lower() != "password"}
     # URL.set() takes None as "unchanged": the password goes through _replace
-    return parsed._replace(password=None).set(query=query).render_as_string(hide_password=False)
+    shown = parsed._replace(password=None).set(query={}).render_as_string(hide_password=False)
+    query = [
+        f"{key}={value}" for key, values in parsed.query.items() if key.lower() != "password"
+        for value in ((values,) if isinstance(values, str) else values)
+    ]
+    return shown + ("?" + "&".join(query) if query else "")
 
 
 @dataclass(frozen=True)

@@ -79,8 +79,11 @@ class Server:
             conn.execute(f'CREATE DATABASE "{name}"')
         return self.url(name)
 
-    def terminate(self, database: str) -> int:
-        """Cut every connection to ``database`` (as a server restart would); how many were cut."""
+    def terminate(self, url: str) -> int:
+        """Cut every connection to the database of ``url`` (as a server restart would); how many were cut."""
+        from sqlalchemy.engine import make_url
+
+        database = make_url(url).database
         with self.admin() as conn:
             rows = conn.execute(
                 "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s AND pid <> pg_backend_pid()",
