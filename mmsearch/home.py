@@ -51,7 +51,17 @@ class Home:
 
     @classmethod
     def open(cls, settings: Settings, *, create: bool = True) -> "Home":
-        return cls(settings, Catalog.open(catalog_location(settings), create=create))
+        catalog = Catalog.open(catalog_location(settings), create=create)
+        if settings.catalog_on_server:
+            try:  # the folder of the index cache and locks (a SQLite catalog's open makes it)
+                settings.home.mkdir(parents=True, exist_ok=True)
+            except OSError:
+                pass  # as on read-only media: indexes stay in memory; a writer's lock says why it cannot
+        try:
+            return cls(settings, catalog)
+        except BaseException:
+            catalog.close()
+            raise
 
     def close(self) -> None:
         self.catalog.close()
