@@ -13,6 +13,7 @@ transaction is all or nothing, and the pool reconnects for the next run.
 
 from __future__ import annotations
 
+import operator
 import os
 import re
 import socket
@@ -180,6 +181,11 @@ class PostgresBackend:
     def close(self) -> None:
         self.engine.dispose()
 
+    def reading(self) -> Connection:
+        """A connection in autocommit: each read sees what is committed, as it would in a transaction of
+        READ COMMITTED, without the round trips of BEGIN and ROLLBACK around it."""
+        return self.engine.connect().execution_options(isolation_level="AUTOCOMMIT")
+
     def read_only_error(self) -> ReadOnlyHomeError:
         return ReadOnlyHomeError(f"catalog {self.label} is read-only")
 
@@ -218,15 +224,17 @@ class PostgresBackend:
             cursor.execute(
                 "SELECT nextval(%s::regclass) FROM generate_series(1, %s)", (self._sequence(conn, name), len(rows))
             )
-            ids = [i for (i,) in cursor.fetchall()]
+            ids = sorted(i for (i,) in cursor.fetchall())
             names = [c for c, _ in columns]
             fields = [c for c in names if c not in ("id", "vector", "indexed_at")]
+            values = operator.itemgetter(*fields)
             sql = f"COPY {name} ({', '.join(_quote(c) for c in [*fields, 'id', 'vector', 'indexed_at'])}) FROM STDIN (FORMAT BINARY)"
             types = dict(columns)
             with cursor.copy(sql) as copy:
                 copy.set_types([*(types[c] for c in fields), types["id"], types["vector"], types["indexed_at"]])
+                write = copy.write_row
                 for row, i, blob in zip(rows, ids, blobs):
-                    copy.write_row((*(row[c] for c in fields), i, blob, now))
+                    write((*values(row), i, blob, now))
         return ids
 
     def _table_columns(self, conn: Connection, table: str) -> list[tuple[str, str]]:

@@ -265,6 +265,9 @@ class SQLiteBackend:
         self.checkpointer.close()
         self.engine.dispose()
 
+    def reading(self) -> Connection:
+        return self.engine.connect()
+
     def read_only_error(self) -> ReadOnlyHomeError:
         return read_only_error(self.path.parent)
 

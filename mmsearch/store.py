@@ -72,6 +72,8 @@ class CatalogBackend(Protocol):
     url: str
 
     def close(self) -> None: ...
+    def reading(self) -> ContextManager[Connection]:
+        """A connection for reads only (a server's backend spares them their transaction's round trips)."""
     def read_only_error(self) -> ReadOnlyHomeError: ...
     def committed(self) -> None:
         """A write transaction committed (SQLite checkpoints its WAL soon)."""
@@ -182,7 +184,7 @@ class Catalog:
     def _reading(self) -> Iterator[Connection]:
         """A connection for reads; a failure of the database (a lost server) is one :class:`CatalogError` line."""
         try:
-            with self.engine.connect() as conn:
+            with self.backend.reading() as conn:
                 yield conn
         except (DBAPIError, sqlite3.Error) as exc:
             raise CatalogError(f"cannot read catalog {self.label}: {self.backend.failure(exc)}") from None
