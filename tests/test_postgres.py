@@ -32,8 +32,25 @@ def test_same_results_on_both_backends_and_a_second_home_searches_without_indexi
     for base in (on_sqlite, on_server):
         result = runner.invoke(app, [*base, "index", "--quiet", str(photo_dir)])
         assert result.exit_code == 0, result.output
-    for query in (["a red square"], ["--image", str(photo_dir / "green.png")]):
+    corpus = tmp_path / "captions.txt"
+    corpus.write_text("a red square\na green field\nthe blue sea\n")
+    pairs = tmp_path / "pairs.csv"
+    pairs.write_text("image,text\n" + "".join(
+        f"{photo_dir / name},{text}\n" for name, text in [("red.jpg", "red"), ("green.png", "green"), ("white.bmp", "white")]
+    ))
+    recall = {}
+    for name, base in (("sqlite", on_sqlite), ("postgresql", on_server)):
+        result = runner.invoke(app, [*base, "add-texts", "--quiet", str(corpus)])
+        assert result.exit_code == 0, result.output
+        result = runner.invoke(app, [*base, "eval", "--quiet", "--json", str(pairs)])
+        assert result.exit_code == 0, result.output
+        recall[name] = json.loads(result.stdout)
+    assert recall["sqlite"] == recall["postgresql"]
+    for query in (["a red square"], ["--image", str(photo_dir / "green.png")], ["--texts", "red"],
+                  ["--texts", "--image", str(photo_dir / "red.jpg")]):
         assert hits(on_sqlite, *query) == hits(on_server, *query)  # ids, paths, scores: identical
+    status = json.loads(runner.invoke(app, [*on_server, "status", "--json"]).stdout)
+    assert (status["images"], status["texts"]) == (6, 3)  # eval's temporary index stayed out of the catalog
 
     # another machine: a home folder of its own on the same catalog, nothing indexed there
     elsewhere = tmp_path / "other-machine"
@@ -41,7 +58,13 @@ def test_same_results_on_both_backends_and_a_second_home_searches_without_indexi
     assert hits(other, "a red square") == hits(on_server, "a red square")
     assert (elsewhere / "images.faiss").exists() and not (elsewhere / "catalog.sqlite3").exists()
     status = json.loads(runner.invoke(app, [*other, "status", "--json"]).stdout)
-    assert (status["images"], status["catalog_backend"], status["catalog_url"]) == (6, "postgresql", url)
+    assert (status["images"], status["texts"], status["catalog_backend"], status["catalog_url"]) == (
+        6, 3, "postgresql", url)
+    check = runner.invoke(app, [*other, "check", "--json"])  # no text search there yet: no texts.faiss
+    assert [(f["code"], f["kind"]) for f in json.loads(check.stdout)["findings"]] == [("no-index", "text")]
+    assert runner.invoke(app, [*other, "check", "--repair"]).exit_code == 0
+    check = runner.invoke(app, [*other, "check", "--json"])
+    assert check.exit_code == 0 and json.loads(check.stdout)["findings"] == []
 
 
 def test_status_and_errors_never_show_the_password(pg_server, tmp_path: Path, photo_dir: Path, tiny_model: Path) -> None:
