@@ -108,9 +108,12 @@ def upgrade(engine: Engine, lock: Callable[[], AbstractContextManager[object]] |
 
 @contextmanager
 def _migration_lock(engine: Engine) -> Iterator[None]:
-    """An exclusive lock (a file beside the catalog) for the time of a migration."""
+    """An exclusive lock (a file beside a SQLite catalog) for the time of a migration.
+
+    Only for SQLite: a server's database is no file here, and its backend passes its own lock.
+    """
     database = engine.url.database
-    if not database or database == ":memory:":
+    if engine.dialect.name != "sqlite" or not database or database == ":memory:":
         yield
         return
     fd = os.open(f"{database}-migrate.lock", os.O_RDWR | os.O_CREAT, 0o644)

@@ -89,11 +89,11 @@ def test_search_and_second_writer_while_index_runs(tmp_path: Path, tiny_model: P
         ]
 
 
-def test_processes_opening_a_new_catalog_at_once(tmp_path: Path) -> None:
-    """The first open migrates; the others wait for it instead of failing halfway."""
+def test_processes_opening_a_new_catalog_at_once(tmp_path: Path, catalog_url) -> None:
+    """The first open migrates; the others wait for it (a lock file, or an advisory lock) instead of failing halfway."""
     from concurrent.futures import ThreadPoolExecutor
 
-    path = tmp_path / "home" / "catalog.sqlite3"
+    path = catalog_url or tmp_path / "home" / "catalog.sqlite3"
 
     def open_and_count(_: int) -> int:
         with Catalog.open(path) as catalog:

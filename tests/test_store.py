@@ -21,11 +21,13 @@ def where(catalog_url: str | None, tmp_path: Path) -> Path | str:
 def test_upgrade_head_on_empty_database_matches_models(tmp_path: Path, catalog_url):
     if catalog_url is None:
         engine = make_engine(tmp_path / "empty.sqlite3")
+        upgrade(engine)
     else:
+        from mmsearch.postgres_backend import MIGRATION_LOCK, advisory_lock
         from mmsearch.postgres_backend import make_engine as make_pg_engine
 
         engine = make_pg_engine(catalog_url)
-    upgrade(engine)
+        upgrade(engine, lock=lambda: advisory_lock(engine, MIGRATION_LOCK, wait=True))
     with engine.connect() as conn:
         context = MigrationContext.configure(conn, opts={"render_as_batch": True})
         assert context.get_current_revision() == head_revision()
