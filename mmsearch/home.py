@@ -58,10 +58,47 @@ class Home:
             except OSError:
                 pass  # as on read-only media: indexes stay in memory; a writer's lock says why it cannot
         try:
-            return cls(settings, catalog)
+            home = cls(settings, catalog)
+            home._bind_index_cache()
+            return home
         except BaseException:
             catalog.close()
             raise
+
+    def _bind_index_cache(self) -> None:
+        """Make the home's FAISS files a cache of *this* catalog.
+
+        A sidecar says which generation of a catalog an index reflects, not
+        which catalog: a home pointed at another one (``--catalog``, or back to
+        its own file) could find the same generation there. The catalog gets
+        an id (meta ``catalog_id``), the home remembers the id its indexes were
+        built from (``catalog-id``), and a home that finds another one drops
+        their sidecars, so they are rebuilt from the catalog. A SQLite home that
+        remembers none (made before) keeps its indexes: they can only be its own.
+        """
+        if self.catalog.readonly:
+            return
+        ident = self.catalog.get_meta("catalog_id")
+        if ident is None:
+            import uuid
+
+            ident = uuid.uuid4().hex
+            self._try_set_meta({"catalog_id": ident})
+            ident = self.catalog.get_meta("catalog_id") or ident  # another process may have set it first
+        marker = self.settings.home / "catalog-id"
+        try:
+            known = marker.read_text().strip() if marker.exists() else None
+            if known == ident:
+                return
+            if known is not None or self.settings.catalog_on_server:
+                from mmsearch.index import sidecar_path
+
+                with self.save_lock():
+                    for kind in KINDS:
+                        sidecar_path(self.settings.index_path(kind)).unlink(missing_ok=True)
+            marker.write_text(ident + "\n")
+        except OSError:
+            pass  # a home that cannot be written: its searches rebuild in memory when the sidecar lags
 
     def close(self) -> None:
         self.catalog.close()

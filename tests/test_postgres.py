@@ -136,3 +136,19 @@ def test_bad_catalog_values_are_one_line(tmp_path: Path, monkeypatch: pytest.Mon
     assert resolve(home=tmp_path, catalog="postgresql+psycopg://you@db/x").catalog == "postgresql+psycopg://you@db/x"
     monkeypatch.delenv("MMSEARCH_CATALOG")
     assert resolve(home=tmp_path).catalog is None
+
+
+def test_a_home_pointed_at_another_catalog_rebuilds_its_index(
+    photo_dir: Path, tmp_path: Path, tiny_model: Path, pg_server
+) -> None:
+    from conftest import make_image
+
+    url = pg_server.new_database()
+    home = ["--home", str(tmp_path / "home"), "--model", str(tiny_model)]
+    assert runner.invoke(app, [*home, "index", "--quiet", str(photo_dir)]).exit_code == 0  # its own SQLite file
+    lone = make_image(tmp_path / "elsewhere" / "lone.png", "red")
+    assert runner.invoke(app, [*home, "--catalog", url, "index", "--quiet", str(lone.parent)]).exit_code == 0
+    # both catalogs are at image generation 1; the index must follow the catalog, not the number
+    assert [h["path"] for h in hits([*home, "--catalog", url], "red")] == [str(lone)]
+    assert len(hits(home, "red")) == 6
+    assert [h["path"] for h in hits([*home, "--catalog", url], "red")] == [str(lone)]
