@@ -38,6 +38,7 @@ class ServerRecord:
     model: str
     int8: bool
     version: str
+    text_precision: str = "auto"
 
     @property
     def connect_host(self) -> str:
@@ -78,7 +79,7 @@ def read_record(home: Path, *, check_pid: bool = True) -> ServerRecord | None:
         record = ServerRecord(
             pid=int(raw["pid"]), host=str(raw["host"]), port=int(raw["port"]),
             token=raw.get("token") or None, model=str(raw["model"]), int8=bool(raw.get("int8", False)),
-            version=str(raw.get("version", "")),
+            version=str(raw.get("version", "")), text_precision=str(raw.get("text_precision", "auto")),
         )
     except (OSError, ValueError, KeyError, TypeError):
         return None

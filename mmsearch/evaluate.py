@@ -163,7 +163,7 @@ def _score(home: Any, images: list[Path], texts: list[str], links: list[tuple[in
         if len(rows) != len(image_ids) or any(r is None for r in rows):
             raise UsageError("the index holds no re-ranker tokens for some images; was it built with this model?")
         image_tokens = torch.from_numpy(np.stack(rows))
-        text_states, text_mask = text_states_padded(encoder.model, encoder.tokenizer, texts, encoder.device)
+        text_states, text_mask = text_states_padded(encoder.text_model, encoder.tokenizer, texts, encoder.device)
         scorer = reranker.scorer
         t2i_corr = scorer_corrections(scorer, text_states, text_mask, image_tokens, text_queries=True)
         i2t_corr = scorer_corrections(scorer, text_states, text_mask, image_tokens, text_queries=False)

@@ -229,7 +229,10 @@ class Home:
                 )
             if self.before_model_load is not None:
                 self.before_model_load(self.spec)
-            encoder = load_encoder(self.spec, self.settings.device, int8=self.settings.int8)
+            encoder = load_encoder(
+                self.spec, self.settings.device, int8=self.settings.int8,
+                text_precision=self.settings.text_precision,
+            )
             dim = self.dim
             if dim is not None and dim != encoder.dim:
                 raise ModelMismatchError(

@@ -68,6 +68,7 @@ class Library:
         *,
         device: str | None = None,
         int8: bool | None = None,
+        text_precision: str | None = None,
         create: bool = True,
         before_model_load: Callable[[Any], None] | None = None,
     ) -> "Library":
@@ -84,7 +85,10 @@ class Library:
         if isinstance(home, Settings):
             settings = home
         else:
-            settings = resolve(home=Path(home) if home is not None else None, model=model, device=device, int8=int8)
+            settings = resolve(
+                home=Path(home) if home is not None else None, model=model, device=device, int8=int8,
+                text_precision=text_precision,
+            )
         home_ = Home.open(settings, create=create)
         home_.before_model_load = before_model_load
         return cls(home_)

@@ -150,7 +150,7 @@ class Reranker:
 
     def text_states(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         with torch.inference_mode():
-            return text_token_states(self.encoder.model, self.encoder.tokenize(texts).to(self.encoder.device))
+            return text_token_states(self.encoder.text_model, self.encoder.tokenize(texts).to(self.encoder.device))
 
     def corrections(self, text: torch.Tensor, mask: torch.Tensor, image: torch.Tensor) -> np.ndarray:
         with torch.inference_mode():

@@ -195,7 +195,7 @@ def rerank_query(
             raise UsageError("re-ranking needs a plain text query, not query arithmetic")
         with torch.inference_mode():
             tokens = encoder.tokenize([terms[0].text]).to(encoder.device)
-            states, mask = text_token_states(encoder.model, tokens)
+            states, mask = text_token_states(encoder.text_model, tokens)
             vector = torch.nn.functional.normalize(states[0, int(mask[0].sum()) - 1].float(), dim=-1)
         return vector.cpu().numpy().astype(np.float32), TextStates(states, mask)
     if image is None or query:

@@ -486,6 +486,7 @@ def run(
         write_record(home_dir, ServerRecord(
             pid=pid, host=host, port=actual_port, token=token, model=library.model,
             int8=library.settings.int8, version=__version__,
+            text_precision=library.settings.text_precision,
         ))
         say(f"serving {library.settings.home} at {link}")
         if open_browser:

@@ -20,6 +20,9 @@ from mmsearch.files import DEFAULT_MAX_FILE_SIZE
 #: plain ViT CLIPs whose token states the re-ranker can read.
 DEFAULT_MODEL = "ViT-B-32:laion2b_s34b_b79k"
 
+#: What ``--text-precision`` accepts.
+TEXT_PRECISIONS = ("auto", "float32", "bfloat16")
+
 
 def default_home() -> Path:
     from platformdirs import user_data_dir
@@ -132,6 +135,9 @@ class Settings:
     workers: int = 2
     #: Encode images with int8 dynamic quantisation (CPU only; see mmsearch.quantize).
     int8: bool = False
+    #: How texts are encoded: ``auto`` (bfloat16 on a CPU with native bfloat16,
+    #: else float32), ``float32`` or ``bfloat16`` (see mmsearch.encode.load_encoder).
+    text_precision: str = "auto"
     #: Bytes read from one image file at most; a larger file is skipped (mmsearch.files).
     max_file_size: int = DEFAULT_MAX_FILE_SIZE
     #: Where the catalog lives, as given (``--catalog``/``MMSEARCH_CATALOG``): a
@@ -165,6 +171,7 @@ def resolve(
     int8: bool | None = None,
     max_file_size: int | str | None = None,
     catalog: str | None = None,
+    text_precision: str | None = None,
 ) -> Settings:
     """Build :class:`Settings` from explicit values, the environment and defaults."""
     home_raw = home if home is not None else os.environ.get("MMSEARCH_HOME") or None
@@ -185,6 +192,13 @@ def resolve(
     else:
         max_size = DEFAULT_MAX_FILE_SIZE
     catalog = catalog or os.environ.get("MMSEARCH_CATALOG") or None
+    named, raw_precision = (
+        ("--text-precision", text_precision) if text_precision
+        else ("MMSEARCH_TEXT_PRECISION", os.environ.get("MMSEARCH_TEXT_PRECISION") or "auto")
+    )
+    precision = raw_precision.strip().lower()
+    if precision not in TEXT_PRECISIONS:
+        raise UsageError(f"{named} {raw_precision!r} is not one of {', '.join(TEXT_PRECISIONS)}")
     return Settings(
         catalog=check_catalog_url(catalog) if catalog is not None else None,
         home=resolved_home.resolve(),
@@ -194,4 +208,5 @@ def resolve(
         workers=workers,
         int8=int8 if int8 is not None else _env_bool("MMSEARCH_INT8"),
         max_file_size=max_size,
+        text_precision=precision,
     )

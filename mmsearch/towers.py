@@ -13,6 +13,7 @@ a model.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -107,15 +108,59 @@ def encode_text_tokens(model: Any, tokens: torch.Tensor, *, truncate: bool = Tru
     return _project(text_tower(model), text_global_pool(x, tokens, "argmax"))
 
 
+class _TextSide(nn.Module):
+    """A copy of a CLIP-style text tower's pieces, for :func:`encode_text_tokens` (see :func:`bfloat16_text_side`)."""
+
+    def __init__(self, tower: Any):
+        super().__init__()
+        self.token_embedding = copy.deepcopy(tower.token_embedding)
+        self.positional_embedding = nn.Parameter(tower.positional_embedding.detach().clone(), requires_grad=False)
+        self.transformer = copy.deepcopy(tower.transformer)
+        self.ln_final = copy.deepcopy(tower.ln_final)
+        projection = tower.text_projection
+        if isinstance(projection, nn.Module):
+            projection = copy.deepcopy(projection)
+        elif projection is not None:
+            projection = nn.Parameter(projection.detach().clone(), requires_grad=False)
+        self.text_projection = projection
+        self.register_buffer("attn_mask", tower.attn_mask.detach().clone(), persistent=False)
+        self.text_pool_type = "argmax"
+        self.cls_emb = None
+
+
+def bfloat16_text_side(model: Any) -> nn.Module | None:
+    """A bfloat16 copy of the model's text tower that :func:`encode_text_tokens` runs; ``None`` if not CLIP-style.
+
+    On a CPU with native bfloat16 matrix units a text pass reads half the
+    weight bytes and runs on those units. The model itself is left as it is
+    (the re-ranker and the padded pass keep using it in float32).
+    """
+    if not supports_truncation(model):
+        return None
+    side = _TextSide(text_tower(model)).to(torch.bfloat16).eval()
+    side.requires_grad_(False)
+    return side
+
+
+def native_bfloat16(device: str) -> bool:
+    """Whether ``device`` multiplies bfloat16 matrices natively (a CPU with AMX or AVX-512 BF16)."""
+    if device != "cpu":
+        return False
+    try:
+        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
 def text_token_states(model: Any, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token text states projected to the shared space, and the mask of real tokens.
+    """Per-token text states projected to the shared space (float32), and the mask of real tokens.
 
     The batch runs at its real length (up to the last end-of-text token).
     """
     if not supports_truncation(model):
         raise RerankerUnavailableError("re-ranking needs a CLIP-style causal text tower")
     x, tokens = text_states_after_ln(model, tokens)
-    x = _project(text_tower(model), x)
+    x = _project(text_tower(model), x).float()
     positions = torch.arange(tokens.shape[1], device=tokens.device)
     mask = positions[None, :] <= tokens.argmax(dim=-1)[:, None]
     return x, mask

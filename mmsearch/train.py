@@ -94,7 +94,8 @@ def _base_model(base: str, device: str) -> tuple[Any, Any, dict[str, Any], dict[
         model_cfg = open_clip.get_model_config(SMALL)
     else:
         spec = parse(base)
-        encoder = load_encoder(spec, device)
+        # float32 throughout: training changes the weights a bfloat16 copy would hold
+        encoder = load_encoder(spec, device, text_precision="float32")
         model, tokenizer, preprocess = encoder.model, encoder.tokenizer, encoder.preprocess
         if spec.kind == "local-dir":
             assert spec.path is not None

@@ -9,7 +9,7 @@ from mmsearch.errors import ModelSpecError, ModelUnavailableError
 
 @pytest.fixture(scope="module")
 def encoder(tiny_model):
-    return load_encoder(str(tiny_model), "cpu")
+    return load_encoder(str(tiny_model), "cpu", text_precision="float32")
 
 
 def test_loads_local_dir_and_knows_its_shape(encoder, tiny_model):
@@ -35,6 +35,21 @@ def test_truncated_text_equals_77_token_padded(encoder):
     np.testing.assert_allclose(truncated, padded, atol=1e-5)
 
 
+def test_bfloat16_text_side_agrees_with_float32_and_leaves_the_model_alone(encoder, tiny_model):
+    texts = ["cat", "a photograph of a dog running on a sandy beach", "sunset over the sea"]
+    half = load_encoder(str(tiny_model), "cpu", text_precision="bfloat16")
+    assert half.text_side is not None and encoder.text_side is None
+    assert next(half.text_side.parameters()).dtype == torch.bfloat16
+    assert next(half.model.parameters()).dtype == torch.float32  # the model itself is left as it is
+    low, full = half.embed_texts(texts), encoder.embed_texts(texts)
+    assert low.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(low, axis=1), 1.0, rtol=1e-5)
+    assert not np.array_equal(low, full)  # it really ran in bfloat16
+    assert (low * full).sum(axis=1).min() > 0.999
+    # the padded pass (truncate=False) runs the float32 model
+    np.testing.assert_allclose(half.embed_texts(texts, truncate=False), full, atol=1e-5)
+
+
 def test_checkpoint_spec_loads_the_same_weights(tiny_model, encoder, tmp_path):
     import json
 
@@ -44,7 +59,7 @@ def test_checkpoint_spec_loads_the_same_weights(tiny_model, encoder, tmp_path):
     config = tmp_path / "mmsearch-test-tiny.json"
     config.write_text(json.dumps(json.loads((tiny_model / "open_clip_config.json").read_text())["model_cfg"]))
     open_clip.add_model_config(config)
-    other = load_encoder(f"mmsearch-test-tiny:{tiny_model / 'open_clip_model.safetensors'}", "cpu")
+    other = load_encoder(f"mmsearch-test-tiny:{tiny_model / 'open_clip_model.safetensors'}", "cpu", text_precision="float32")
     np.testing.assert_allclose(other.embed_texts(["hello"]), encoder.embed_texts(["hello"]), atol=1e-6)
 
 

@@ -45,3 +45,15 @@ def test_max_file_size_takes_sizes_from_flag_then_environment(monkeypatch: pytes
         resolve()
     with pytest.raises(UsageError, match="at least 1 byte"):
         parse_size("0")
+
+
+def test_text_precision_from_flag_then_environment(monkeypatch: pytest.MonkeyPatch):
+    assert resolve().text_precision == "auto"
+    monkeypatch.setenv("MMSEARCH_TEXT_PRECISION", "Float32")
+    assert resolve().text_precision == "float32"
+    assert resolve(text_precision="bfloat16").text_precision == "bfloat16"
+    with pytest.raises(UsageError, match="--text-precision 'half' is not one of auto, float32, bfloat16"):
+        resolve(text_precision="half")
+    monkeypatch.setenv("MMSEARCH_TEXT_PRECISION", "fp8")
+    with pytest.raises(UsageError, match="MMSEARCH_TEXT_PRECISION 'fp8'"):
+        resolve()
