@@ -15,12 +15,10 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 import numpy as np
-from sqlalchemy import func, select, text
 
 from mmsearch.home import Home
 from mmsearch.settings import Settings
-from mmsearch.codecs import path_from_db
-from mmsearch.schema import KINDS, TABLES, ImageRow, Kind
+from mmsearch.schema import KINDS, Kind
 from mmsearch.sqlite_backend import read_only_error
 
 #: ``error``: the catalog itself is damaged (repair cannot fix it);
@@ -114,28 +112,22 @@ def writer_pid(settings: Settings) -> int | None:
 
 
 def _check_catalog(home: Home, report: CheckReport) -> None:
-    with home.catalog.engine.connect() as conn:
-        result = [r[0] for r in conn.execute(text("PRAGMA quick_check"))]
-        if result != ["ok"]:
-            report.add("error", "catalog-damaged", f"SQLite quick_check: {'; '.join(result[:3])}")
-        dim = report.dim
-        for kind in KINDS:
-            table = TABLES[kind]
-            count = int(conn.execute(select(func.count()).select_from(table)).scalar_one())
-            report.counts[kind] = {"catalog": count, "index": 0}
-            if count and dim is None:
-                report.add("error", "no-dim", f"the catalog holds {count} {kind}s but records no vector dimension", kind)
-            if count and dim is not None:
-                bad = conn.execute(
-                    select(func.count()).select_from(table).where(
-                        func.length(table.vector) != dim * home.catalog.vector_dtype.itemsize
-                    )
-                ).scalar_one()
-                if bad:
-                    report.add(
-                        "error", "bad-vector",
-                        f"{bad} {kind} rows hold a vector that is not {dim} {home.catalog.vector_dtype_name} values", kind,
-                    )
+    problems = home.catalog.integrity_problems()
+    if problems:
+        report.add("error", "catalog-damaged", "; ".join(problems))
+    dim = report.dim
+    for kind in KINDS:
+        count = home.catalog.count(kind)
+        report.counts[kind] = {"catalog": count, "index": 0}
+        if count and dim is None:
+            report.add("error", "no-dim", f"the catalog holds {count} {kind}s but records no vector dimension", kind)
+        if count and dim is not None:
+            bad = home.catalog.count_bad_vectors(kind, dim)
+            if bad:
+                report.add(
+                    "error", "bad-vector",
+                    f"{bad} {kind} rows hold a vector that is not {dim} {home.catalog.vector_dtype_name} values", kind,
+                )
 
 
 def _check_index(home: Home, kind: Kind, report: CheckReport) -> None:
@@ -209,18 +201,15 @@ def _count_differing_vectors(home: Home, kind: Kind, index: Any, faiss_ids: np.n
 
 def _check_files(home: Home, report: CheckReport) -> None:
     """Indexed files that are gone or changed on disk (``index`` on their folder updates them)."""
-    stmt = select(ImageRow.path, ImageRow.size, ImageRow.mtime_ns)
     changed: list[str] = []
-    with home.catalog.engine.connect() as conn:
-        for raw, size, mtime_ns in conn.execute(stmt):
-            path = path_from_db(raw)
-            try:
-                st = os.stat(path)
-            except OSError:
-                report.missing_files.append(path)
-                continue
-            if st.st_size != size or st.st_mtime_ns != mtime_ns:
-                changed.append(path)
+    for path, size, mtime_ns in home.catalog.image_files():
+        try:
+            st = os.stat(path)
+        except OSError:
+            report.missing_files.append(path)
+            continue
+        if st.st_size != size or st.st_mtime_ns != mtime_ns:
+            changed.append(path)
     if report.missing_files:
         report.add(
             "warning", "missing-files",

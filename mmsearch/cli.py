@@ -138,6 +138,14 @@ def main_options(
             "equal on pretrained weights. Env: MMSEARCH_INT8=1."
         ),
     ),
+    catalog: Optional[str] = typer.Option(
+        None, "--catalog", metavar="URL",
+        help=(
+            "Keep the catalog in a PostgreSQL database (postgresql+psycopg://USER@HOST/DB; needs the [postgres] "
+            "extra), shared by the homes of several machines; the home keeps only its index cache, locks and "
+            "thumbnails. Env: MMSEARCH_CATALOG. Default: the home's own SQLite file."
+        ),
+    ),
     text_precision: Optional[str] = typer.Option(
         None, "--text-precision", metavar="P",
         help=(
@@ -157,6 +165,7 @@ def main_options(
     quiet_library_warnings()
     ctx.obj = resolve(
         home=home, model=model, device=device, batch_size=batch_size, workers=workers, int8=int8 or None,
+        catalog=catalog,
         text_precision=text_precision,
     )
 
@@ -481,10 +490,13 @@ def status(
     if as_json:
         echo_json(info)
         return
+    catalog = f"catalog: {info.get('catalog_backend', 'sqlite')} {info.get('catalog_url', '')}".rstrip()
     if not info["exists"]:
         typer.echo(f"home: {info['home']} (empty: nothing indexed yet)")
+        typer.echo(catalog)
         return
     typer.echo(f"home:    {info['home']}")
+    typer.echo(catalog)
     typer.echo(f"model:   {info['model'] or '(none yet)'}" + (f"  ({info['dim']}-d)" if info["dim"] else ""))
     typer.echo(f"images:  {info['images']}")
     typer.echo(f"texts:   {info['texts']}")

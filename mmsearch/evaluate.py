@@ -118,7 +118,8 @@ def evaluate(
     pairs = read_pairs(pairs_path)
     images, texts, links = group(pairs)
     with tempfile.TemporaryDirectory(prefix="mmsearch-eval-") as tmp:
-        temp = dataclasses.replace(settings, home=Path(tmp) / "home")
+        # a SQLite catalog of its own, even where the home's is on a server: nothing shared is touched
+        temp = dataclasses.replace(settings, home=Path(tmp) / "home", catalog=None)
         with Home.open(temp) as home:
             index_paths(home, [str(p) for p in images], progress=progress, on_skip=on_skip)
             corpus = Path(tmp) / "texts.jsonl"

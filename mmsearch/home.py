@@ -25,7 +25,7 @@ from mmsearch.errors import (
 from mmsearch.settings import DEFAULT_MODEL, Settings
 from mmsearch.schema import KINDS, Kind
 from mmsearch.sqlite_backend import READ_ONLY_ERRNOS, read_only_error
-from mmsearch.store import Catalog
+from mmsearch.store import Catalog, catalog_exists
 
 if TYPE_CHECKING:
     from mmsearch.encode import Encoder
@@ -54,7 +54,54 @@ class Home:
 
     @classmethod
     def open(cls, settings: Settings, *, create: bool = True) -> "Home":
-        return cls(settings, Catalog.open(settings.catalog_path, create=create))
+        catalog = Catalog.open(catalog_location(settings), create=create)
+        if settings.catalog_on_server:
+            try:  # the folder of the index cache and locks (a SQLite catalog's open makes it)
+                settings.home.mkdir(parents=True, exist_ok=True)
+            except OSError:
+                pass  # as on read-only media: indexes stay in memory; a writer's lock says why it cannot
+        try:
+            home = cls(settings, catalog)
+            home._bind_index_cache()
+            return home
+        except BaseException:
+            catalog.close()
+            raise
+
+    def _bind_index_cache(self) -> None:
+        """Make the home's FAISS files a cache of *this* catalog.
+
+        A sidecar says which generation of a catalog an index reflects, not
+        which catalog: a home pointed at another one (``--catalog``, or back to
+        its own file) could find the same generation there. The catalog gets
+        an id (meta ``catalog_id``), the home remembers the id its indexes were
+        built from (``catalog-id``), and a home that finds another one drops
+        their sidecars, so they are rebuilt from the catalog. A SQLite home that
+        remembers none (made before) keeps its indexes: they can only be its own.
+        """
+        if self.catalog.readonly:
+            return
+        ident = self.catalog.get_meta("catalog_id")
+        if ident is None:
+            import uuid
+
+            ident = uuid.uuid4().hex
+            self._try_set_meta({"catalog_id": ident})
+            ident = self.catalog.get_meta("catalog_id") or ident  # another process may have set it first
+        marker = self.settings.home / "catalog-id"
+        try:
+            known = marker.read_text().strip() if marker.exists() else None
+            if known == ident:
+                return
+            if known is not None or self.settings.catalog_on_server:
+                from mmsearch.index import sidecar_path
+
+                with self.save_lock():
+                    for kind in KINDS:
+                        sidecar_path(self.settings.index_path(kind)).unlink(missing_ok=True)
+            marker.write_text(ident + "\n")
+        except OSError:
+            pass  # a home that cannot be written: its searches rebuild in memory when the sidecar lags
 
     def close(self) -> None:
         self.catalog.close()
@@ -311,7 +358,8 @@ class Home:
 
     @contextmanager
     def write_lock(self) -> Iterator[None]:
-        """Only one writer per home; a second one fails at once with a clear message."""
+        """Only one writer per home, and per catalog (homes on other machines may share a
+        catalog on a server); a second one fails at once with a clear message."""
         path: Path = self.settings.lock_path
         if self.catalog.readonly:
             raise read_only_error(self.settings.home)
@@ -333,7 +381,8 @@ class Home:
                 os.pwrite(fd, str(os.getpid()).encode(), 0)
             except OSError:
                 pass  # a full disk: the lock holds without the pid, and the write that matters fails with its own line
-            yield
+            with self.catalog.writer_lock():
+                yield
         finally:
             os.close(fd)
 
@@ -373,10 +422,23 @@ def _rename_model_in(path: Path, old: str, new: str) -> None:
             os.unlink(tmp)
 
 
+def catalog_location(settings: Settings) -> Path | str:
+    """Where the home's catalog is: the URL of a server's database, else the home's SQLite file."""
+    return settings.catalog if settings.catalog is not None else settings.catalog_path
+
+
 def status(settings: Settings) -> dict[str, object]:
-    """What a home holds: counts, model, sizes on disk."""
-    out: dict[str, object] = {"home": str(settings.home), "exists": settings.catalog_path.exists()}
-    if not settings.catalog_path.exists():
+    """What a home holds: counts, model, sizes on disk, and where its catalog is (never a password)."""
+    from mmsearch.settings import url_without_password
+
+    where = catalog_location(settings)
+    exists = catalog_exists(where)
+    out: dict[str, object] = {
+        "home": str(settings.home), "exists": exists,
+        "catalog_backend": "postgresql" if settings.catalog_on_server else "sqlite",
+        "catalog_url": url_without_password(settings.catalog) if settings.catalog else f"sqlite:///{where}",
+    }
+    if not exists:
         out.update({"model": None, "dim": None, "images": 0, "texts": 0})
         return out
     with Home.open(settings, create=False) as home:
@@ -390,8 +452,7 @@ def status(settings: Settings) -> dict[str, object]:
         target = staging.target()
         if target:  # a reindex that has not finished: what it has made so far
             out["reindex"] = {"model": target.get("reindex_model"), "staged": staging.count()}
-        files = [settings.catalog_path, *settings.home.glob("catalog.sqlite3-*")]
-        out["catalog_bytes"] = sum(p.stat().st_size for p in files if p.exists())
+        out["catalog_bytes"] = home.catalog.backend.size_bytes()
         for kind in ("image", "text"):
             path = settings.index_path(kind)
             out[f"{kind}_index_bytes"] = path.stat().st_size if path.exists() else 0

@@ -5,8 +5,8 @@ from __future__ import annotations
 import fcntl
 import os
 import re
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from importlib import resources
 from pathlib import Path
 
@@ -29,7 +29,8 @@ def alembic_config(engine: Engine | None = None):
     cfg = Config()
     cfg.set_main_option("script_location", str(script_location()))
     if engine is not None:
-        cfg.set_main_option("sqlalchemy.url", str(engine.url))
+        # the ini format interpolates %: a URL's escapes (a socket folder, %2F) are doubled
+        cfg.set_main_option("sqlalchemy.url", engine.url.render_as_string(hide_password=False).replace("%", "%%"))
     return cfg
 
 
@@ -67,12 +68,12 @@ def _head_from_files() -> str | None:
 
 def _current_from_table(engine: Engine) -> str | None:
     from sqlalchemy import text
-    from sqlalchemy.exc import OperationalError
+    from sqlalchemy.exc import OperationalError, ProgrammingError
 
     try:
         with engine.connect() as conn:
             return conn.execute(text("SELECT version_num FROM alembic_version")).scalar()
-    except OperationalError:  # no such table: a new catalog
+    except (OperationalError, ProgrammingError):  # no such table: a new catalog (SQLite says one, PostgreSQL the other)
         return None
 
 
@@ -84,15 +85,20 @@ def needs_upgrade(engine: Engine) -> bool:
     return current_revision(engine) != head_revision()
 
 
-def upgrade(engine: Engine) -> None:
-    """Bring the catalog to the newest schema; a no-op (one query, no Alembic import) when it is there."""
+def upgrade(engine: Engine, lock: Callable[[], AbstractContextManager[object]] | None = None) -> None:
+    """Bring the catalog to the newest schema; a no-op (one query, no Alembic import) when it is there.
+
+    ``lock`` makes a migration exclusive among the processes that open the
+    catalog; by default a file beside a SQLite catalog (a server's backend
+    passes its own).
+    """
     files_head = _head_from_files()
     if files_head is not None and _current_from_table(engine) == files_head:
         return
     head = head_revision()
     if current_revision(engine) == head:
         return
-    with _migration_lock(engine):
+    with (lock or (lambda: _migration_lock(engine)))():
         # two processes opening a new catalog at once (an `index` and a `search`):
         # the second waits here, then finds the work done
         current = current_revision(engine)
@@ -102,9 +108,12 @@ def upgrade(engine: Engine) -> None:
 
 @contextmanager
 def _migration_lock(engine: Engine) -> Iterator[None]:
-    """An exclusive lock (a file beside the catalog) for the time of a migration."""
+    """An exclusive lock (a file beside a SQLite catalog) for the time of a migration.
+
+    Only for SQLite: a server's database is no file here, and its backend passes its own lock.
+    """
     database = engine.url.database
-    if not database or database == ":memory:":
+    if engine.dialect.name != "sqlite" or not database or database == ":memory:":
         yield
         return
     fd = os.open(f"{database}-migrate.lock", os.O_RDWR | os.O_CREAT, 0o644)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal, NamedTuple
 
-from sqlalchemy import LargeBinary, MetaData, String
+from sqlalchemy import BigInteger, Double, Integer, LargeBinary, MetaData, String
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 Kind = Literal["image", "text"]
@@ -17,6 +17,11 @@ NAMING_CONVENTION = {
     "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
     "pk": "pk_%(table_name)s",
 }
+
+
+#: Byte sizes and nanosecond times: 64-bit on PostgreSQL, where INTEGER is 32-bit (SQLite's
+#: INTEGER already holds 64 bits, so its catalogs are unchanged).
+Int64 = BigInteger().with_variant(Integer(), "sqlite")
 
 
 class Base(DeclarativeBase):
@@ -41,14 +46,14 @@ class ImageRow(Base):
 
     id: Mapped[int] = mapped_column(primary_key=True)
     path: Mapped[str] = mapped_column(String, unique=True)
-    size: Mapped[int]
-    mtime_ns: Mapped[int]
+    size: Mapped[int] = mapped_column(Int64)
+    mtime_ns: Mapped[int] = mapped_column(Int64)
     # not indexed: random keys made every bulk insert rewrite the index (migration 0005)
     content_hash: Mapped[str] = mapped_column(String)
     width: Mapped[int]
     height: Mapped[int]
     vector: Mapped[bytes] = mapped_column(LargeBinary)
-    indexed_at: Mapped[float]
+    indexed_at: Mapped[float] = mapped_column(Double)
 
 
 class TextRow(Base):
@@ -63,7 +68,7 @@ class TextRow(Base):
     source: Mapped[str] = mapped_column(String)
     meta: Mapped[str | None] = mapped_column(String, nullable=True)
     vector: Mapped[bytes] = mapped_column(LargeBinary)
-    indexed_at: Mapped[float]
+    indexed_at: Mapped[float] = mapped_column(Double)
 
 
 class SkippedRow(Base):
@@ -72,8 +77,8 @@ class SkippedRow(Base):
     __tablename__ = "skipped"
 
     path: Mapped[str] = mapped_column(String, primary_key=True)
-    size: Mapped[int]
-    mtime_ns: Mapped[int]
+    size: Mapped[int] = mapped_column(Int64)
+    mtime_ns: Mapped[int] = mapped_column(Int64)
     reason: Mapped[str] = mapped_column(String)
 
 
@@ -92,8 +97,8 @@ class StagedRow(Base):
     id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
     source: Mapped[str] = mapped_column(String)
     vector: Mapped[bytes] = mapped_column(LargeBinary)
-    size: Mapped[int | None]
-    mtime_ns: Mapped[int | None]
+    size: Mapped[int | None] = mapped_column(Int64)
+    mtime_ns: Mapped[int | None] = mapped_column(Int64)
     width: Mapped[int | None]
     height: Mapped[int | None]
 

@@ -72,6 +72,53 @@ def parse_size(raw: str | int, what: str = "size") -> int:
     return value
 
 
+#: URL schemes ``--catalog`` takes: SQLAlchemy's PostgreSQL dialect through psycopg 3.
+CATALOG_SCHEMES = ("postgresql+psycopg", "postgresql")
+
+
+def check_catalog_url(url: str) -> str:
+    """``url`` if it names a catalog mmsearch can use (a PostgreSQL database), else a :class:`UsageError`.
+
+    A plain ``postgresql://`` URL is taken as ``postgresql+psycopg://`` (psycopg 3
+    is the driver the ``[postgres]`` extra installs). The error names the URL
+    without its password.
+    """
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        raise UsageError(f"--catalog {url_without_password(url)!r} is not a database URL "
+                         "(say postgresql+psycopg://USER@HOST/DB)") from None
+    if parsed.drivername not in CATALOG_SCHEMES:
+        raise UsageError(
+            f"--catalog {url_without_password(url)!r}: only PostgreSQL catalogs are supported "
+            "(postgresql+psycopg://USER@HOST/DB); leave it out for the home's own SQLite file"
+        )
+    if not parsed.database:
+        raise UsageError(f"--catalog {url_without_password(url)!r} names no database (…@HOST/DB)")
+    return parsed.set(drivername="postgresql+psycopg").render_as_string(hide_password=False)
+
+
+def url_without_password(url: str) -> str:
+    """``url`` as it may be shown (status, errors): any password left out, in the user part or the query."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        return re.sub(r"(//[^/:@]*):[^/@]*@", r"\1@", url)  # user:password@ -> user@, whatever the rest is
+    # URL.set() takes None as "unchanged": the password goes through _replace
+    shown = parsed._replace(password=None).set(query={}).render_as_string(hide_password=False)
+    query = [
+        f"{key}={value}" for key, values in parsed.query.items() if key.lower() != "password"
+        for value in ((values,) if isinstance(values, str) else values)
+    ]
+    return shown + ("?" + "&".join(query) if query else "")
+
+
 @dataclass(frozen=True)
 class Settings:
     """Everything a command needs to know about where and how to work."""
@@ -93,10 +140,19 @@ class Settings:
     text_precision: str = "auto"
     #: Bytes read from one image file at most; a larger file is skipped (mmsearch.files).
     max_file_size: int = DEFAULT_MAX_FILE_SIZE
+    #: Where the catalog lives, as given (``--catalog``/``MMSEARCH_CATALOG``): a
+    #: ``postgresql+psycopg://`` URL, or ``None`` for the home's own SQLite file.
+    catalog: str | None = None
 
     @property
     def catalog_path(self) -> Path:
+        """The home's own SQLite catalog (used when :attr:`catalog` is ``None``)."""
         return self.home / "catalog.sqlite3"
+
+    @property
+    def catalog_on_server(self) -> bool:
+        """Whether the catalog is on a database server rather than in the home's SQLite file."""
+        return self.catalog is not None
 
     def index_path(self, kind: str) -> Path:
         return self.home / f"{kind}s.faiss"
@@ -114,6 +170,7 @@ def resolve(
     workers: int | None = None,
     int8: bool | None = None,
     max_file_size: int | str | None = None,
+    catalog: str | None = None,
     text_precision: str | None = None,
 ) -> Settings:
     """Build :class:`Settings` from explicit values, the environment and defaults."""
@@ -134,6 +191,7 @@ def resolve(
         max_size = parse_size(os.environ["MMSEARCH_MAX_FILE_SIZE"], "MMSEARCH_MAX_FILE_SIZE")
     else:
         max_size = DEFAULT_MAX_FILE_SIZE
+    catalog = catalog or os.environ.get("MMSEARCH_CATALOG") or None
     named, raw_precision = (
         ("--text-precision", text_precision) if text_precision
         else ("MMSEARCH_TEXT_PRECISION", os.environ.get("MMSEARCH_TEXT_PRECISION") or "auto")
@@ -142,6 +200,7 @@ def resolve(
     if precision not in TEXT_PRECISIONS:
         raise UsageError(f"{named} {raw_precision!r} is not one of {', '.join(TEXT_PRECISIONS)}")
     return Settings(
+        catalog=check_catalog_url(catalog) if catalog is not None else None,
         home=resolved_home.resolve(),
         model=model,
         device=device,

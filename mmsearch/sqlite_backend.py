@@ -1,22 +1,32 @@
-"""SQLite underneath the catalog: connection pragmas, read-only opening, a background WAL checkpointer."""
+"""SQLite underneath the catalog: connection pragmas, read-only opening, a background WAL checkpointer,
+and the bulk insert that knows SQLite's id sequence; :class:`SQLiteBackend` bundles them for
+:class:`mmsearch.store.Catalog`."""
 
 from __future__ import annotations
 
 import errno
+import operator
 import os
 import sqlite3
 import threading
 import urllib.parse
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import (
     create_engine,
     event,
+    select,
+    text,
 )
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.exc import DBAPIError
 
-from mmsearch.errors import ReadOnlyHomeError
+from mmsearch.codecs import path_from_db, path_to_db, with_db_paths
+from mmsearch.errors import CatalogError, ReadOnlyHomeError
+from mmsearch.schema import ImageRow
 
 
 def _set_sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
@@ -187,3 +197,144 @@ class Checkpointer:
             with self._cond:
                 self._done = self._asked  # closing: the last connection's close checkpoints the rest
                 self._cond.notify_all()
+
+
+class SQLiteBackend:
+    """The catalog in one SQLite file of the home (the default): see :class:`mmsearch.store.CatalogBackend`."""
+
+    name = "sqlite"
+
+    def __init__(self, engine: Engine, path: Path, *, readonly: bool = False):
+        self.engine = engine
+        self.path = path
+        self.readonly = readonly
+        self.label = str(path)
+        self.url = f"sqlite:///{path}"
+        #: copies commits from the WAL into the database file in the background
+        self.checkpointer = Checkpointer(path)
+
+    @classmethod
+    def open(cls, path: Path, *, create: bool = True) -> "SQLiteBackend":
+        """Open (and migrate to head) the catalog at ``path``.
+
+        A catalog this process cannot write (read-only media, someone else's
+        folder) is opened read-only: reads work, every write raises
+        :class:`ReadOnlyHomeError`.
+        """
+        from mmsearch.migrate import needs_upgrade, upgrade
+
+        if not create and not path.exists():
+            raise CatalogError(f"no catalog at {path}; run `mmsearch index` or `mmsearch add-texts` first")
+        readonly = False
+        try:
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                if exc.errno in READ_ONLY_ERRNOS:
+                    raise read_only_error(path.parent) from None
+                raise
+            readonly = not may_write(path)
+            if readonly and not path.exists():
+                raise read_only_error(path.parent)
+            if readonly:
+                engine = make_readonly_engine(path)
+                if needs_upgrade(engine):
+                    raise ReadOnlyHomeError(
+                        f"{path.parent} is read-only and its catalog's schema is not this mmsearch's; "
+                        "open it once where it can be written, or use the mmsearch that made it"
+                    )
+            else:
+                engine = make_engine(path)
+                upgrade(engine)
+        except CatalogError:
+            raise
+        except (DBAPIError, OSError) as exc:
+            reason = str(getattr(exc, "orig", None) or exc).splitlines()[0]
+            if readonly and Path(f"{path}-wal").exists():
+                reason += f" (the home is read-only and {path.name}-wal holds writes not yet in the catalog: open it once where it can be written)"
+            else:
+                reason += if_disk_full(path.parent)
+            raise CatalogError(f"cannot open catalog {path}: {reason}") from None
+        return cls(engine, path, readonly=readonly)
+
+    @staticmethod
+    def exists(path: Path) -> bool:
+        return path.exists()
+
+    def close(self) -> None:
+        self.checkpointer.close()
+        self.engine.dispose()
+
+    def reading(self) -> Connection:
+        return self.engine.connect()
+
+    def read_only_error(self) -> ReadOnlyHomeError:
+        return read_only_error(self.path.parent)
+
+    def committed(self) -> None:
+        self.checkpointer.poke()
+
+    path_to_db = staticmethod(path_to_db)
+    path_from_db = staticmethod(path_from_db)
+    db_paths = staticmethod(with_db_paths)
+
+    @contextmanager
+    def writer_lock(self) -> Iterator[None]:
+        """Nothing to take: the catalog is the home's file, and the home's write lock covers it."""
+        yield
+
+    def insert_rows(
+        self, conn: Connection, table: Any, rows: Sequence[dict[str, Any]], blobs: Iterable[memoryview], now: float
+    ) -> list[int]:
+        """Insert ``rows`` (vectors as ``blobs``, indexed at ``now``) as one executemany; their ids, in order.
+
+        ``INSERT ... RETURNING`` with ordered results costs 3x the insert itself.
+        Ids come from AUTOINCREMENT and this transaction excludes other writers,
+        so the new ids are the block after the table's sequence; that is checked,
+        and looked up by the unique key if it ever does not hold.
+        """
+        def sequence() -> int:
+            found = conn.exec_driver_sql("SELECT seq FROM sqlite_sequence WHERE name = ?", (table.__tablename__,))
+            return int(found.scalar() or 0)
+
+        # The driver's executemany on plain tuples, made as SQLite takes them:
+        # SQLAlchemy's per-row parameter processing, and copying each row's dict,
+        # cost a third of bulk insert time, and a list of all rows would wait for
+        # every vector's cast (see Catalog._blobs).
+        columns = [c.name for c in table.__table__.columns if c.name not in ("id", "vector", "indexed_at")]
+        quote = conn.dialect.identifier_preparer.quote
+        sql = (
+            f"INSERT INTO {table.__tablename__} ({', '.join(quote(c) for c in columns)}, vector, indexed_at) "
+            f"VALUES ({', '.join('?' for _ in columns)}, ?, ?)"
+        )
+        fields = operator.itemgetter(*columns)
+        before = sequence()
+        cursor = conn.connection.cursor()
+        try:
+            cursor.executemany(sql, ((*fields(row), blob, now) for row, blob in zip(rows, blobs)))
+        finally:
+            cursor.close()
+        after = sequence()
+        if after - before == len(rows):
+            return list(range(before + 1, after + 1))
+        key = table.path if table is ImageRow else table.key
+        values = [row[key.name] for row in rows]
+        found: dict[Any, int] = {}
+        for start in range(0, len(values), 500):
+            stmt = select(key, table.id).where(key.in_(values[start:start + 500]))
+            found.update((k, i) for k, i in conn.execute(stmt))
+        return [found[v] for v in values]
+
+    def failure(self, exc: BaseException) -> str:
+        """Why a statement failed, in one line (with a hint when the disk is full)."""
+        return str(getattr(exc, "orig", None) or exc).splitlines()[0]
+
+    def integrity_problems(self, conn: Connection) -> list[str]:
+        """What SQLite's ``quick_check`` finds wrong in the file (nothing: ``[]``)."""
+        result = [r[0] for r in conn.execute(text("PRAGMA quick_check"))]
+        return [] if result == ["ok"] else [f"SQLite quick_check: {'; '.join(result[:3])}"]
+
+    def size_bytes(self) -> int:
+        """Bytes of the catalog file and its WAL sidecars."""
+        files = [self.path, *self.path.parent.glob(f"{self.path.name}-*")]
+        return sum(p.stat().st_size for p in files if p.exists())

@@ -142,7 +142,7 @@ class Staging:
                 ).scalar_one()
                 if missing:
                     raise CatalogError(
-                        f"{missing} {kind}s of {self.catalog.path} have no vector of the new model yet; "
+                        f"{missing} {kind}s of {self.catalog.label} have no vector of the new model yet; "
                         "nothing was changed, run reindex again"
                     )
             image = StagedRow.kind == "image"

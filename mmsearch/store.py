@@ -1,9 +1,12 @@
 """Store stage: the catalog, the source of truth for what every vector is.
 
-Its tables are in :mod:`mmsearch.schema`, how paths and vectors are stored in
-:mod:`mmsearch.codecs`, and what is particular to SQLite (pragmas, read-only
-opening, the background checkpointer) in :mod:`mmsearch.sqlite_backend`; this module
-holds the :class:`Catalog` and its bulk SQL. Alembic migrations in ``migrations/``
+Its tables are in :mod:`mmsearch.schema`, how vectors are stored in
+:mod:`mmsearch.codecs`, and what is particular to one database behind a
+:class:`CatalogBackend`: SQLite's pragmas, read-only opening, background
+checkpointer and path escapes in :mod:`mmsearch.sqlite_backend` (the default,
+the home's own file), PostgreSQL's ``COPY``, advisory locks and path escapes
+in :mod:`mmsearch.postgres_backend`. This module holds the :class:`Catalog`
+and the SQL that both run. Alembic migrations in ``migrations/``
 are applied when the catalog opens. Vectors live here too, so the FAISS index
 can always be rebuilt from the catalog alone: float16 blobs in catalogs made
 since revision 0004 (half the bytes; cosine scores of 512-d unit vectors move
@@ -23,7 +26,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from itertools import repeat
 from pathlib import Path
-from typing import Any
+from typing import Any, ContextManager, Protocol
 
 import numpy as np
 from sqlalchemy import (
@@ -37,37 +40,93 @@ from sqlalchemy import (
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import DBAPIError
 
-from mmsearch.codecs import CAST_BLOCK, VECTOR_DTYPES, from_blobs, path_from_db, path_to_db, row_views, with_db_paths
+from mmsearch.codecs import CAST_BLOCK, VECTOR_DTYPES, from_blobs, path_from_db, path_to_db, row_views
 from mmsearch.errors import CatalogError, ReadOnlyHomeError
 from mmsearch.schema import KINDS, TABLES, ImageRow, ImageState, Kind, Meta, SkippedRow, TextRow
-from mmsearch.sqlite_backend import (
-    READ_ONLY_ERRNOS,
-    Checkpointer,
-    if_disk_full,
-    make_engine,
-    make_readonly_engine,
-    may_write,
-    read_only_error,
-)
+from mmsearch.sqlite_backend import SQLiteBackend, make_engine, read_only_error
 
 __all__ = [
-    "KINDS", "TABLES", "Catalog", "ImageRow", "ImageState", "Kind", "TextRow", "from_blobs",
-    "make_engine", "path_from_db", "path_to_db", "read_only_error", "under_any",
+    "KINDS", "TABLES", "Catalog", "CatalogBackend", "ImageRow", "ImageState", "Kind", "TextRow", "catalog_exists",
+    "from_blobs", "make_engine", "open_backend", "path_from_db", "path_to_db", "read_only_error", "under_any",
 ]
+
+
+class CatalogBackend(Protocol):
+    """What one kind of database underneath the catalog provides: its connection, its tricks, its locks.
+
+    :class:`Catalog` holds one and writes only SQL that every dialect runs; the
+    rest is here. :class:`mmsearch.sqlite_backend.SQLiteBackend` is the home's
+    own file (pragmas, WAL checkpointer, NUL escapes in paths),
+    :class:`mmsearch.postgres_backend.PostgresBackend` a PostgreSQL database
+    (``COPY``, advisory locks, its own path escapes).
+    """
+
+    #: ``sqlite`` or ``postgresql``
+    name: str
+    engine: Engine
+    #: opened read-only: every write raises :meth:`read_only_error`
+    readonly: bool
+    #: where the catalog is, as messages name it (a path, or a URL without its password)
+    label: str
+    #: a URL of the catalog that may be shown (``status``): never a password
+    url: str
+
+    def close(self) -> None: ...
+    def reading(self) -> ContextManager[Connection]:
+        """A connection for reads only (a server's backend spares them their transaction's round trips)."""
+    def read_only_error(self) -> ReadOnlyHomeError: ...
+    def committed(self) -> None:
+        """A write transaction committed (SQLite checkpoints its WAL soon)."""
+    def path_to_db(self, path: str) -> str:
+        """The column text for a file path (every name the OS gives must round-trip)."""
+    def path_from_db(self, text: str) -> str: ...
+    def db_paths(self, rows: Sequence[dict[str, Any]]) -> Sequence[dict[str, Any]]:
+        """``rows`` with each ``path`` as :meth:`path_to_db` gives it (copying only the rows that change)."""
+    def writer_lock(self) -> ContextManager[None]:
+        """Held by a writing command: one writer per catalog, whichever home it comes from."""
+    def insert_rows(
+        self, conn: Connection, table: Any, rows: Sequence[dict[str, Any]], blobs: Iterable[memoryview], now: float
+    ) -> list[int]:
+        """Bulk-insert ``rows`` (vectors as ``blobs``) in ``conn``'s transaction; the new ids, in order."""
+    def failure(self, exc: BaseException) -> str:
+        """Why a statement failed, in one line."""
+    def integrity_problems(self, conn: Connection) -> list[str]:
+        """What the database finds wrong with itself (``check``); ``[]`` when nothing."""
+    def size_bytes(self) -> int | None:
+        """Bytes the catalog takes (None where that cannot be told)."""
+
+
+def open_backend(where: Path | str, *, create: bool = True) -> CatalogBackend:
+    """The backend of the catalog at ``where``: a SQLite file's path, or a ``postgresql+psycopg://`` URL."""
+    if isinstance(where, str) and where.startswith("postgresql"):
+        from mmsearch.postgres_backend import PostgresBackend
+
+        return PostgresBackend.open(where, create=create)
+    return SQLiteBackend.open(Path(where), create=create)
+
+
+def catalog_exists(where: Path | str) -> bool:
+    """Whether there is a catalog at ``where`` (a SQLite file, or a database that mmsearch has set up)."""
+    if isinstance(where, str) and where.startswith("postgresql"):
+        from mmsearch.postgres_backend import PostgresBackend
+
+        return PostgresBackend.exists(where)
+    return SQLiteBackend.exists(Path(where))
 
 
 class Catalog:
     """The catalog of one home. Open with :meth:`open`; close when done."""
 
-    def __init__(self, engine: Engine, path: Path, *, readonly: bool = False):
-        self.engine = engine
-        self.path = path
+    def __init__(self, backend: CatalogBackend):
+        self.backend = backend
+        self.engine = backend.engine
+        #: where the catalog is, as messages name it
+        self.label = backend.label
         #: opened read-only: the home cannot be written (see :meth:`open`)
-        self.readonly = readonly
-        self._checkpointer = Checkpointer(path)
+        self.readonly = backend.readonly
         name = self.get_meta("vector_dtype") or "float32"
         if name not in VECTOR_DTYPES:
-            raise CatalogError(f"{path}: unknown vector_dtype {name!r} (written by a newer mmsearch?)")
+            raise CatalogError(f"{self.label}: unknown vector_dtype {name!r} (written by a newer mmsearch?)")
         #: how this catalog stores vectors (see the module docstring)
         self.vector_dtype_name = name
         self.vector_dtype = VECTOR_DTYPES[name]
@@ -84,9 +143,9 @@ class Catalog:
     def _blobs(self, rows: Sequence[dict[str, Any]]) -> Iterator[memoryview]:
         """The blobs of the rows' ``vector`` arrays, in order: views of blocks in the catalog's dtype.
 
-        sqlite3 binds any buffer as a BLOB, so no row is copied. Rows that are
+        Both drivers bind any buffer as a blob, so no row is copied. Rows that are
         already in the catalog's dtype (see :meth:`stored`) are copied block by
-        block; others are cast, a block at a time, as SQLite takes the rows.
+        block; others are cast, a block at a time, as the database takes the rows.
         """
         vectors = list(map(operator.itemgetter("vector"), rows))
         if not all(map(isinstance, vectors, repeat(np.ndarray))):
@@ -98,66 +157,51 @@ class Catalog:
         )
 
     @classmethod
-    def open(cls, path: Path, *, create: bool = True) -> "Catalog":
-        """Open (and migrate to head) the catalog at ``path``.
+    def open(cls, where: Path | str, *, create: bool = True) -> "Catalog":
+        """Open (and migrate to head) the catalog at ``where``: a SQLite file, or a PostgreSQL URL.
 
-        A catalog this process cannot write (read-only media, someone else's
-        folder) is opened read-only: reads work, every write raises
+        A SQLite catalog this process cannot write (read-only media, someone
+        else's folder) is opened read-only: reads work, every write raises
         :class:`ReadOnlyHomeError`.
         """
-        from mmsearch.migrate import needs_upgrade, upgrade
-
-        if not create and not path.exists():
-            raise CatalogError(f"no catalog at {path}; run `mmsearch index` or `mmsearch add-texts` first")
-        readonly = False
+        backend = open_backend(where, create=create)
         try:
-            try:
-                path.parent.mkdir(parents=True, exist_ok=True)
-            except OSError as exc:
-                if exc.errno in READ_ONLY_ERRNOS:
-                    raise read_only_error(path.parent) from None
-                raise
-            readonly = not may_write(path)
-            if readonly and not path.exists():
-                raise read_only_error(path.parent)
-            if readonly:
-                engine = make_readonly_engine(path)
-                if needs_upgrade(engine):
-                    raise ReadOnlyHomeError(
-                        f"{path.parent} is read-only and its catalog's schema is not this mmsearch's; "
-                        "open it once where it can be written, or use the mmsearch that made it"
-                    )
-            else:
-                engine = make_engine(path)
-                upgrade(engine)
-        except CatalogError:
+            return cls(backend)
+        except BaseException:
+            backend.close()
             raise
-        except (DBAPIError, OSError) as exc:
-            reason = str(getattr(exc, "orig", None) or exc).splitlines()[0]
-            if readonly and Path(f"{path}-wal").exists():
-                reason += f" (the home is read-only and {path.name}-wal holds writes not yet in the catalog: open it once where it can be written)"
-            else:
-                reason += if_disk_full(path.parent)
-            raise CatalogError(f"cannot open catalog {path}: {reason}") from None
-        return cls(engine, path, readonly=readonly)
 
     def close(self) -> None:
-        self._checkpointer.close()
-        self.engine.dispose()
+        self.backend.close()
+
+    def writer_lock(self) -> ContextManager[None]:
+        """One writer at a time on this catalog, whichever home (machine) it comes from."""
+        if self.readonly:
+            raise self.backend.read_only_error()
+        return self.backend.writer_lock()
+
+    @contextmanager
+    def _reading(self) -> Iterator[Connection]:
+        """A connection for reads; a failure of the database (a lost server) is one :class:`CatalogError` line."""
+        try:
+            with self.backend.reading() as conn:
+                yield conn
+        except (DBAPIError, sqlite3.Error) as exc:
+            raise CatalogError(f"cannot read catalog {self.label}: {self.backend.failure(exc)}") from None
 
     @contextmanager
     def _writing(self) -> Iterator[Connection]:
-        """One write transaction; a failure of SQLite (disk full, I/O error) rolls it back
-        and becomes a one-line :class:`CatalogError` naming the catalog."""
+        """One write transaction; a failure of the database (disk full, I/O error, a lost server)
+        rolls it back and becomes a one-line :class:`CatalogError` naming the catalog."""
         if self.readonly:
-            raise read_only_error(self.path.parent)
+            raise self.backend.read_only_error()
         try:
             with self.engine.begin() as conn:
                 yield conn
         except (DBAPIError, sqlite3.Error) as exc:
-            message = str(getattr(exc, "orig", None) or exc).splitlines()[0]
-            raise CatalogError(f"cannot write to catalog {self.path}: {message}; nothing was changed") from None
-        self._checkpointer.poke()
+            message = self.backend.failure(exc)
+            raise CatalogError(f"cannot write to catalog {self.label}: {message}; nothing was changed") from None
+        self.backend.committed()
 
     def transaction(self) -> AbstractContextManager[Connection]:
         """One write transaction for SQL kept in another module (mmsearch.staging), failing as every write here does."""
@@ -172,7 +216,7 @@ class Catalog:
     # -- meta ---------------------------------------------------------------
 
     def get_meta(self, key: str) -> str | None:
-        with self.engine.connect() as conn:
+        with self._reading() as conn:
             return conn.execute(select(Meta.value).where(Meta.key == key)).scalar_one_or_none()
 
     def set_meta(self, values: dict[str, str]) -> None:
@@ -193,13 +237,14 @@ class Catalog:
         Through the driver's cursor: SQLAlchemy's result rows cost ~1 µs each,
         and this runs over the whole catalog on every ``index``.
         """
-        with self.engine.connect() as conn:
+        with self._reading() as conn:
             cursor = conn.connection.cursor()
             try:
                 rows = cursor.execute("SELECT path, id, size, mtime_ns, content_hash FROM images").fetchall()
             finally:
                 cursor.close()
-        states = {path_from_db(path): ImageState(i, size, mtime, h) for path, i, size, mtime, h in rows}
+        from_db = self.backend.path_from_db
+        states = {from_db(path): ImageState(i, size, mtime, h) for path, i, size, mtime, h in rows}
         if prefixes is None:
             return states
         inside = under_any(prefixes)
@@ -214,7 +259,7 @@ class Catalog:
         found: dict[str, tuple[np.ndarray, int, int]] = {}
         wanted = {i: h for h, i in ids_by_hash.items()}
         ids = list(wanted)
-        with self.engine.connect() as conn:
+        with self._reading() as conn:
             for start in range(0, len(ids), 500):
                 stmt = select(ImageRow.id, ImageRow.content_hash, ImageRow.vector, ImageRow.width, ImageRow.height)
                 for i, h, blob, w, hgt in conn.execute(stmt.where(ImageRow.id.in_(ids[start:start + 500]))):
@@ -234,7 +279,7 @@ class Catalog:
         the ids given to the new rows, in order.
         """
         now = time.time()
-        new, changed = with_db_paths(new), with_db_paths(changed)
+        new, changed = self.backend.db_paths(new), self.backend.db_paths(changed)
         with self._writing() as conn:
             if removed_ids:
                 _delete_ids(conn, ImageRow, removed_ids)
@@ -242,7 +287,7 @@ class Catalog:
                 _update_rows(conn, ImageRow, changed, self._blobs(changed), now)
             ids = []
             if new:
-                ids = _insert_rows(conn, ImageRow, new, self._blobs(new), now)
+                ids = self.backend.insert_rows(conn, ImageRow, new, self._blobs(new), now)
             if new or changed or removed_ids:
                 _bump_generation(conn, "image")
         return ids
@@ -250,24 +295,33 @@ class Catalog:
     def skipped_files(self, prefixes: Iterable[str]) -> dict[str, tuple[int, int, str]]:
         """``path -> (size, mtime_ns, reason)`` of remembered undecodable files under ``prefixes``."""
         inside = under_any(prefixes)
-        with self.engine.connect() as conn:
+        with self._reading() as conn:
             rows = conn.execute(select(SkippedRow.path, SkippedRow.size, SkippedRow.mtime_ns, SkippedRow.reason))
-            found = {path_from_db(r[0]): (r[1], r[2], r[3]) for r in rows}
+            found = {self.backend.path_from_db(r[0]): (r[1], r[2], r[3]) for r in rows}
         return {p: v for p, v in found.items() if inside(p)}
 
     def write_skipped(self, remember: Sequence[dict[str, Any]], forget: Sequence[str]) -> None:
         """Remember undecodable files (path, size, mtime_ns, reason); forget other paths. One transaction."""
         if not remember and not forget:
             return
-        paths = [path_to_db(p) for p in (*forget, *(row["path"] for row in remember))]
+        to_db = self.backend.path_to_db
+        paths = [to_db(p) for p in (*forget, *(row["path"] for row in remember))]
         with self._writing() as conn:
             for start in range(0, len(paths), 500):
                 conn.execute(delete(SkippedRow).where(SkippedRow.path.in_(paths[start:start + 500])))
             if remember:
-                conn.execute(insert(SkippedRow), [{**row, "path": path_to_db(row["path"])} for row in remember])
+                conn.execute(insert(SkippedRow), [{**row, "path": to_db(row["path"])} for row in remember])
+
+    def image_files(self) -> list[tuple[str, int, int]]:
+        """``(path, size, mtime_ns)`` of every catalogued image (``check`` compares them with the disk)."""
+        from_db = self.backend.path_from_db
+        with self._reading() as conn:
+            rows = conn.execute(select(ImageRow.path, ImageRow.size, ImageRow.mtime_ns)).all()
+        return [(from_db(raw), size, mtime_ns) for raw, size, mtime_ns in rows]
 
     def image_paths(self, ids: Sequence[int]) -> dict[int, str]:
-        return {i: path_from_db(p) for i, p in self._lookup(ImageRow.id, ImageRow.path, ids)}
+        from_db = self.backend.path_from_db
+        return {i: from_db(p) for i, p in self._lookup(ImageRow.id, ImageRow.path, ids)}
 
     def image_hashes(self, ids: Sequence[int]) -> dict[int, str]:
         return dict(self._lookup(ImageRow.id, ImageRow.content_hash, ids))
@@ -277,7 +331,7 @@ class Catalog:
     def text_states(self, keys: Sequence[str]) -> dict[str, tuple[int, str]]:
         """``key -> (id, text)`` for the keys already stored."""
         found: dict[str, tuple[int, str]] = {}
-        with self.engine.connect() as conn:
+        with self._reading() as conn:
             for start in range(0, len(keys), 500):
                 chunk = list(keys[start:start + 500])
                 stmt = select(TextRow.key, TextRow.id, TextRow.text).where(TextRow.key.in_(chunk))
@@ -292,14 +346,14 @@ class Catalog:
                 _update_rows(conn, TextRow, changed, self._blobs(changed), now)
             ids = []
             if new:
-                ids = _insert_rows(conn, TextRow, new, self._blobs(new), now)
+                ids = self.backend.insert_rows(conn, TextRow, new, self._blobs(new), now)
             if new or changed:
                 _bump_generation(conn, "text")
         return ids
 
     def texts_by_id(self, ids: Sequence[int]) -> dict[int, dict[str, Any]]:
         out: dict[int, dict[str, Any]] = {}
-        with self.engine.connect() as conn:
+        with self._reading() as conn:
             for start in range(0, len(ids), 500):
                 chunk = list(ids[start:start + 500])
                 stmt = select(TextRow.id, TextRow.key, TextRow.text, TextRow.meta).where(TextRow.id.in_(chunk))
@@ -311,19 +365,33 @@ class Catalog:
 
     def count(self, kind: Kind) -> int:
         table = TABLES[kind]
-        with self.engine.connect() as conn:
+        with self._reading() as conn:
             return int(conn.execute(select(func.count()).select_from(table)).scalar_one())
+
+    def integrity_problems(self) -> list[str]:
+        """What the database finds wrong with itself (SQLite's ``quick_check``); ``[]`` when nothing."""
+        with self._reading() as conn:
+            return self.backend.integrity_problems(conn)
+
+    def count_bad_vectors(self, kind: Kind, dim: int) -> int:
+        """How many rows of ``kind`` hold a vector blob that is not ``dim`` values of the catalog's dtype."""
+        table = TABLES[kind]
+        size = dim * self.vector_dtype.itemsize
+        with self._reading() as conn:
+            return int(conn.execute(
+                select(func.count()).select_from(table).where(func.length(table.vector) != size)
+            ).scalar_one())
 
     def ids(self, kind: Kind) -> np.ndarray:
         table = TABLES[kind]
-        with self.engine.connect() as conn:
+        with self._reading() as conn:
             return np.fromiter(conn.execute(select(table.id).order_by(table.id)).scalars(), dtype=np.int64)
 
     def iter_vectors(self, kind: Kind, dim: int, chunk: int = 20000) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """All ``(ids, vectors)`` of a kind, in id order, ``chunk`` rows at a time."""
         table = TABLES[kind]
         last = -1
-        with self.engine.connect() as conn:
+        with self._reading() as conn:
             while True:
                 stmt = select(table.id, table.vector).where(table.id > last).order_by(table.id).limit(chunk)
                 rows = conn.execute(stmt).all()
@@ -340,7 +408,7 @@ class Catalog:
         listing every id: that reads the whole table (~0.2 s at 100k images).
         """
         table = TABLES[kind]
-        with self.engine.connect() as conn:
+        with self._reading() as conn:
             top = int(conn.execute(select(func.max(table.id))).scalar_one() or 0)
             total = int(conn.execute(select(func.count()).select_from(table)).scalar_one())
             if total == 0:
@@ -365,54 +433,11 @@ class Catalog:
 
     def _lookup(self, key_col: Any, value_col: Any, ids: Sequence[int]) -> list[tuple[Any, Any]]:
         rows: list[tuple[Any, Any]] = []
-        with self.engine.connect() as conn:
+        with self._reading() as conn:
             for start in range(0, len(ids), 500):
                 chunk = [int(i) for i in ids[start:start + 500]]
                 rows.extend((k, v) for k, v in conn.execute(select(key_col, value_col).where(key_col.in_(chunk))))
         return rows
-
-
-def _insert_rows(
-    conn: Any, table: Any, rows: Sequence[dict[str, Any]], blobs: Iterable[memoryview], now: float
-) -> list[int]:
-    """Insert ``rows`` (vectors as ``blobs``, indexed at ``now``) as one executemany; their ids, in order.
-
-    ``INSERT ... RETURNING`` with ordered results costs 3x the insert itself.
-    Ids come from AUTOINCREMENT and this transaction excludes other writers,
-    so the new ids are the block after the table's sequence; that is checked,
-    and looked up by the unique key if it ever does not hold.
-    """
-    def sequence() -> int:
-        found = conn.exec_driver_sql("SELECT seq FROM sqlite_sequence WHERE name = ?", (table.__tablename__,))
-        return int(found.scalar() or 0)
-
-    # The driver's executemany on plain tuples, made as SQLite takes them:
-    # SQLAlchemy's per-row parameter processing, and copying each row's dict,
-    # cost a third of bulk insert time, and a list of all rows would wait for
-    # every vector's cast (see Catalog._blobs).
-    columns = [c.name for c in table.__table__.columns if c.name not in ("id", "vector", "indexed_at")]
-    quote = conn.dialect.identifier_preparer.quote
-    sql = (
-        f"INSERT INTO {table.__tablename__} ({', '.join(quote(c) for c in columns)}, vector, indexed_at) "
-        f"VALUES ({', '.join('?' for _ in columns)}, ?, ?)"
-    )
-    fields = operator.itemgetter(*columns)
-    before = sequence()
-    cursor = conn.connection.cursor()
-    try:
-        cursor.executemany(sql, ((*fields(row), blob, now) for row, blob in zip(rows, blobs)))
-    finally:
-        cursor.close()
-    after = sequence()
-    if after - before == len(rows):
-        return list(range(before + 1, after + 1))
-    key = table.path if table is ImageRow else table.key
-    values = [row[key.name] for row in rows]
-    found: dict[Any, int] = {}
-    for start in range(0, len(values), 500):
-        stmt = select(key, table.id).where(key.in_(values[start:start + 500]))
-        found.update((k, i) for k, i in conn.execute(stmt))
-    return [found[v] for v in values]
 
 
 def _update_rows(

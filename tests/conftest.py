@@ -109,6 +109,7 @@ def isolated_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     for var in ("MMSEARCH_HOME", "MMSEARCH_MODEL", "MMSEARCH_DEVICE", "MMSEARCH_BATCH_SIZE", "MMSEARCH_WORKERS", "MMSEARCH_INT8"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.delenv("MMSEARCH_MAX_FILE_SIZE", raising=False)
+    monkeypatch.delenv("MMSEARCH_CATALOG", raising=False)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-cache"))
     monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "xdg-data"))
@@ -125,6 +126,29 @@ def torch_threads_restored() -> Iterator[None]:
     torch = sys.modules.get("torch")
     if torch is not None and before is not None and torch.get_num_threads() != before:
         torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[object]:
+    """A throwaway PostgreSQL cluster for the session (tests/pg.py); skips where none can be had."""
+    import pg
+
+    server = pg.start_server()
+    yield server
+    pg.remove(server)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def catalog_url(request: pytest.FixtureRequest) -> str | None:
+    """Each backend in turn: None for the home's own SQLite file, else a fresh PostgreSQL database's URL."""
+    if request.param == "sqlite":
+        return None
+    return request.getfixturevalue("pg_server").new_database()
+
+
+def catalog_args(url: str | None) -> list[str]:
+    """The global option that puts a CLI call's catalog at ``url`` (nothing for SQLite)."""
+    return [] if url is None else ["--catalog", url]
 
 
 @pytest.fixture(scope="session")

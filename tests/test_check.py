@@ -12,7 +12,7 @@ import pytest
 from typer.testing import CliRunner
 
 import mmsearch.index as index_module
-from conftest import make_image
+from conftest import catalog_args, make_image
 from mmsearch.cli import app
 from mmsearch.index import VectorIndex
 from mmsearch.store import Catalog
@@ -21,11 +21,12 @@ runner = CliRunner()
 
 
 @pytest.fixture
-def indexed(tmp_path: Path, tiny_model: Path) -> tuple[list[str], Path]:
+def indexed(tmp_path: Path, tiny_model: Path, catalog_url: str | None) -> tuple[list[str], Path]:
+    """A home of four pictures, on each catalog backend in turn."""
     for i, colour in enumerate(["red", "green", "blue", "yellow"]):
         make_image(tmp_path / "photos" / f"{i}.png", colour)
     home = tmp_path / "home"
-    base = ["--home", str(home), "--model", str(tiny_model)]
+    base = ["--home", str(home), "--model", str(tiny_model), *catalog_args(catalog_url)]
     assert runner.invoke(app, [*base, "index", "--quiet", str(tmp_path / "photos")]).exit_code == 0
     return base, home
 
@@ -79,9 +80,9 @@ def test_orphans_missing_and_differing_vectors_are_found_and_repaired(indexed: t
     assert code == 0 and report["findings"] == []
 
 
-def test_stale_unreadable_mismatched_and_leftovers(indexed: tuple[list[str], Path]) -> None:
+def test_stale_unreadable_mismatched_and_leftovers(indexed: tuple[list[str], Path], catalog_url) -> None:
     base, home = indexed
-    with Catalog.open(home / "catalog.sqlite3", create=False) as catalog:
+    with Catalog.open(catalog_url or home / "catalog.sqlite3", create=False) as catalog:
         catalog.set_meta({"generation.image": str(catalog.generation("image") + 5)})
     assert "stale-generation" in codes(check(base)[1])
 
@@ -150,12 +151,16 @@ def test_index_files_are_written_atomically(tmp_path: Path, monkeypatch: pytest.
     assert sorted(p.name for p in tmp_path.iterdir()) == ["images.faiss", "images.faiss.json"]
 
 
-def test_a_vector_of_the_wrong_size_is_found(indexed: tuple[list[str], Path]) -> None:
+def test_a_vector_of_the_wrong_size_is_found(indexed: tuple[list[str], Path], catalog_url) -> None:
+    from sqlalchemy import update
+
+    from mmsearch.schema import ImageRow
+
     base, home = indexed
-    with Catalog.open(home / "catalog.sqlite3") as catalog:
+    with Catalog.open(catalog_url or home / "catalog.sqlite3") as catalog:
         assert catalog.vector_dtype_name == "float16"
         with catalog.engine.begin() as conn:  # a float32 blob where the catalog holds float16
-            conn.exec_driver_sql("UPDATE images SET vector = zeroblob(2 * length(vector)) WHERE id = 1")
+            conn.execute(update(ImageRow).where(ImageRow.id == 1).values(vector=bytes(32 * 4)))
     code, report = check(base)
     assert code != 0 and "bad-vector" in codes(report)
     assert any("float16" in f["message"] for f in report["findings"] if f["code"] == "bad-vector")

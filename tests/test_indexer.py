@@ -22,8 +22,8 @@ def _faiss_ids(h: Home) -> list[int]:
     return sorted(int(i) for i in h.index("image").ids())
 
 
-def test_first_run_indexes_everything(photo_dir, home, tiny_model):
-    with _home(home, tiny_model) as h:
+def test_first_run_indexes_everything(photo_dir, home, tiny_model, catalog_url):
+    with _home(home, tiny_model, catalog=catalog_url) as h:
         report = index_paths(h, [photo_dir], progress=False)
         assert (report.added, report.skipped, report.removed) == (6, 0, 0)
         assert h.catalog.count("image") == 6
@@ -46,15 +46,15 @@ def test_unchanged_files_are_not_read_again(photo_dir, home, tiny_model, monkeyp
     assert (report.added, report.updated, report.unchanged, report.removed) == (0, 0, 6, 0)
 
 
-def test_rename_and_copy_reuse_vectors_removal_drops(photo_dir, home, tiny_model):
-    with _home(home, tiny_model) as h:
+def test_rename_and_copy_reuse_vectors_removal_drops(photo_dir, home, tiny_model, catalog_url):
+    with _home(home, tiny_model, catalog=catalog_url) as h:
         index_paths(h, [photo_dir], progress=False)
         before = {Path(p).name: s for p, s in h.catalog.image_states().items()}
         red_vec = h.catalog.vectors("image", [before["red.jpg"].id], 32)[before["red.jpg"].id]
     os.rename(photo_dir / "red.jpg", photo_dir / "renamed red.jpg")
     shutil.copy(photo_dir / "green.png", photo_dir / "copy of green.png")
     os.remove(photo_dir / "white.bmp")
-    with _home(home, tiny_model) as h:
+    with _home(home, tiny_model, catalog=catalog_url) as h:
         report = index_paths(h, [photo_dir], progress=False)
         assert (report.added, report.removed, report.reused, report.unchanged) == (2, 2, 2, 4)
         states = {Path(p).name: s for p, s in h.catalog.image_states().items()}
@@ -64,18 +64,18 @@ def test_rename_and_copy_reuse_vectors_removal_drops(photo_dir, home, tiny_model
         assert _faiss_ids(h) == sorted(s.id for s in states.values())
 
 
-def test_content_moved_to_a_new_file_while_its_old_file_changed(photo_dir, home, tiny_model):
+def test_content_moved_to_a_new_file_while_its_old_file_changed(photo_dir, home, tiny_model, catalog_url):
     """red.jpg's content moves to "moved red.jpg" and red.jpg gets new content, in one run:
     the catalog's copy of that content is overwritten while the run goes, so it cannot be
     reused, and the new file is encoded instead of being dropped."""
-    with _home(home, tiny_model) as h:
+    with _home(home, tiny_model, catalog=catalog_url) as h:
         index_paths(h, [photo_dir], progress=False)
         old = h.catalog.image_states()[str(photo_dir / "red.jpg")]
         red_vec = h.catalog.vectors("image", [old.id], 32)[old.id]
     shutil.copy(photo_dir / "red.jpg", photo_dir / "~moved red.jpg")  # walked after red.jpg
     make_image(photo_dir / "red.jpg", COLOURS["blue"], size=(80, 60))
     os.utime(photo_dir / "red.jpg", ns=(old.mtime_ns + 10**9, old.mtime_ns + 10**9))
-    with _home(home, tiny_model, batch_size=1) as h:
+    with _home(home, tiny_model, batch_size=1, catalog=catalog_url) as h:
         report = index_paths(h, [photo_dir], progress=False)
         assert (report.updated, report.added, report.skipped) == (1, 1, 0)
         states = {Path(p).name: s for p, s in h.catalog.image_states().items()}
@@ -85,13 +85,13 @@ def test_content_moved_to_a_new_file_while_its_old_file_changed(photo_dir, home,
         assert _faiss_ids(h) == sorted(s.id for s in states.values())
 
 
-def test_changed_file_is_updated_in_place(photo_dir, home, tiny_model):
-    with _home(home, tiny_model) as h:
+def test_changed_file_is_updated_in_place(photo_dir, home, tiny_model, catalog_url):
+    with _home(home, tiny_model, catalog=catalog_url) as h:
         index_paths(h, [photo_dir], progress=False)
         old = h.catalog.image_states()[str(photo_dir / "red.jpg")]
     make_image(photo_dir / "red.jpg", COLOURS["blue"], size=(80, 60))
     os.utime(photo_dir / "red.jpg", ns=(old.mtime_ns + 10**9, old.mtime_ns + 10**9))
-    with _home(home, tiny_model) as h:
+    with _home(home, tiny_model, catalog=catalog_url) as h:
         report = index_paths(h, [photo_dir], progress=False)
         assert (report.updated, report.added, report.unchanged) == (1, 0, 5)
         new = h.catalog.image_states()[str(photo_dir / "red.jpg")]
@@ -108,13 +108,13 @@ def test_other_roots_are_left_alone(tmp_path, home, tiny_model):
         assert report.removed == 0 and h.catalog.count("image") == 2
 
 
-def test_corrupt_files_are_skipped_and_counted(photo_dir, home, tiny_model):
+def test_corrupt_files_are_skipped_and_counted(photo_dir, home, tiny_model, catalog_url):
     (photo_dir / "zero.jpg").write_bytes(b"")
     (photo_dir / "fake.png").write_text("not a png")
     data = (photo_dir / "green.png").read_bytes()
     (photo_dir / "truncated.png").write_bytes(data[: len(data) // 3])
     seen = []
-    with _home(home, tiny_model) as h:
+    with _home(home, tiny_model, catalog=catalog_url) as h:
         report = index_paths(h, [photo_dir], progress=False, on_skip=lambda p, r: seen.append(Path(p).name))
     assert report.added == 6 and report.skipped == 3
     assert sorted(seen) == ["fake.png", "truncated.png", "zero.jpg"]

@@ -13,14 +13,30 @@ from mmsearch.schema import Base
 from mmsearch.store import Catalog, from_blobs, make_engine
 
 
-def test_upgrade_head_on_empty_database_matches_models(tmp_path: Path):
-    engine = make_engine(tmp_path / "empty.sqlite3")
-    upgrade(engine)
+def where(catalog_url: str | None, tmp_path: Path) -> Path | str:
+    """The catalog a parametrised test opens: a SQLite file, or the test's own PostgreSQL database."""
+    return catalog_url if catalog_url is not None else tmp_path / "c.sqlite3"
+
+
+def test_upgrade_head_on_empty_database_matches_models(tmp_path: Path, catalog_url):
+    if catalog_url is None:
+        engine = make_engine(tmp_path / "empty.sqlite3")
+        upgrade(engine)
+    else:
+        from mmsearch.postgres_backend import MIGRATION_LOCK, advisory_lock
+        from mmsearch.postgres_backend import make_engine as make_pg_engine
+
+        engine = make_pg_engine(catalog_url)
+        upgrade(engine, lock=lambda: advisory_lock(engine, MIGRATION_LOCK, wait=True))
     with engine.connect() as conn:
         context = MigrationContext.configure(conn, opts={"render_as_batch": True})
         assert context.get_current_revision() == head_revision()
         assert compare_metadata(context, Base.metadata) == []
-    assert set(inspect(engine).get_table_names()) >= {"meta", "images", "texts", "alembic_version"}
+    assert set(inspect(engine).get_table_names()) >= {"meta", "images", "texts", "skipped", "alembic_version"}
+    if catalog_url is not None:  # 64-bit sizes and times (a 1.7e18 ns mtime, a 5 GB file)
+        columns = {c["name"]: c["type"] for c in inspect(engine).get_columns("images")}
+        assert type(columns["mtime_ns"]).__name__ == type(columns["size"]).__name__ == "BIGINT"
+    engine.dispose()
 
 
 def test_open_is_idempotent_and_uses_wal(tmp_path: Path):
@@ -38,8 +54,8 @@ def _row(i: int, dim: int = 4) -> dict:
     }
 
 
-def test_bulk_write_update_delete_and_generation(tmp_path: Path):
-    with Catalog.open(tmp_path / "c.sqlite3") as catalog:
+def test_bulk_write_update_delete_and_generation(tmp_path: Path, catalog_url):
+    with Catalog.open(where(catalog_url, tmp_path)) as catalog:
         assert catalog.generation("image") == 0
         ids = catalog.write_images([_row(i) for i in range(1000)], [])
         assert len(ids) == 1000 and catalog.count("image") == 1000
@@ -54,8 +70,8 @@ def test_bulk_write_update_delete_and_generation(tmp_path: Path):
         assert len(got) == 998 and got[ids[5]][0] == 5.0
 
 
-def test_ids_are_never_reused(tmp_path: Path):
-    with Catalog.open(tmp_path / "c.sqlite3") as catalog:
+def test_ids_are_never_reused(tmp_path: Path, catalog_url):
+    with Catalog.open(where(catalog_url, tmp_path)) as catalog:
         first = catalog.write_images([_row(1)], [])
         catalog.write_images([], [], removed_ids=first)
         second = catalog.write_images([_row(2)], [])
@@ -67,16 +83,16 @@ def test_blobs_round_trip():
     np.testing.assert_array_equal(from_blobs([v.astype("<f4").tobytes() for v in vectors], 5), vectors)
 
 
-def test_new_catalog_stores_float16_and_a_rebuild_sees_what_stored_returns(tmp_path: Path):
+def test_new_catalog_stores_float16_and_a_rebuild_sees_what_stored_returns(tmp_path: Path, catalog_url):
     rng = np.random.default_rng(0)
     vectors, queries = rng.standard_normal((200, 512)).astype(np.float32), rng.standard_normal((20, 512)).astype(np.float32)
     vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
     queries /= np.linalg.norm(queries, axis=1, keepdims=True)
-    with Catalog.open(tmp_path / "c.sqlite3") as catalog:
+    with Catalog.open(where(catalog_url, tmp_path)) as catalog:
         assert catalog.vector_dtype_name == "float16"
         rows = [{**_row(i, 512), "vector": v} for i, v in enumerate(vectors)]
         ids = catalog.write_images(rows, [])
-        with catalog.engine.connect() as conn:
+        with catalog.engine.connect() as conn:  # float16 blobs (bytea on PostgreSQL)
             assert conn.exec_driver_sql("SELECT DISTINCT length(vector) FROM images").scalars().all() == [1024]
         (read_ids, read), = catalog.iter_vectors("image", 512)
         assert read_ids.tolist() == ids
@@ -87,12 +103,12 @@ def test_new_catalog_stores_float16_and_a_rebuild_sees_what_stored_returns(tmp_p
         np.testing.assert_array_equal(found["h5"][0], read[5])
 
 
-def test_a_bulk_write_spans_cast_blocks_and_takes_rows_of_any_float_dtype(tmp_path: Path):
+def test_a_bulk_write_spans_cast_blocks_and_takes_rows_of_any_float_dtype(tmp_path: Path, catalog_url):
     from mmsearch.codecs import CAST_BLOCK
 
     n = 2 * CAST_BLOCK + 7  # three blocks, the last one short
     vectors = np.random.default_rng(1).standard_normal((n, 16)).astype(np.float32)
-    with Catalog.open(tmp_path / "c.sqlite3") as catalog:
+    with Catalog.open(where(catalog_url, tmp_path)) as catalog:
         stored = catalog.stored(vectors)
         assert stored.dtype == np.float16  # what the pipeline hands the catalog and the index
         # rows already in the catalog's dtype and float32 rows, mixed inside each block
@@ -144,8 +160,8 @@ def test_a_catalog_with_float32_rows_keeps_float32(tmp_path: Path):
         np.testing.assert_array_equal(read, np.stack([vector, vector]))
 
 
-def test_prefix_is_a_folder_boundary(tmp_path: Path):
-    with Catalog.open(tmp_path / "c.sqlite3") as catalog:
+def test_prefix_is_a_folder_boundary(tmp_path: Path, catalog_url):
+    with Catalog.open(where(catalog_url, tmp_path)) as catalog:
         catalog.write_images([{**_row(1), "path": "/photos2/a.jpg"}, {**_row(2), "path": "/photos/b.jpg"}], [])
         assert list(catalog.image_states(prefixes=["/photos"])) == ["/photos/b.jpg"]
 
@@ -193,13 +209,13 @@ def test_commits_are_checkpointed_in_the_background_and_close_stops_the_thread(t
     with Catalog.open(path) as catalog:
         before = path.stat().st_size
         catalog.write_images([_row(i, 512) for i in range(2000)], [])
-        assert catalog._checkpointer.wait_idle(timeout=60)
+        assert catalog.backend.checkpointer.wait_idle(timeout=60)
         # the rows are in the database file itself, not only in the WAL (a
         # commit leaves them there until the WAL passes 256 MiB)
         assert path.stat().st_size > before + 2000 * 1024
         assert checkpointers() == 1
         catalog.write_images([_row(i, 512) for i in range(2000, 2100)], [])
-        assert catalog._checkpointer.wait_idle(timeout=60) and checkpointers() == 1  # one thread, reused
+        assert catalog.backend.checkpointer.wait_idle(timeout=60) and checkpointers() == 1  # one thread, reused
     assert checkpointers() == 0
     with Catalog.open(path) as catalog:
         assert catalog.count("image") == 2100
@@ -216,6 +232,91 @@ def test_a_checkpointer_that_cannot_connect_leaves_commits_to_checkpoint_themsel
     monkeypatch.setattr(Checkpointer, "_connect", refuse)
     with Catalog.open(tmp_path / "c.sqlite3") as catalog:
         catalog.write_images([_row(1)], [])
-        assert catalog._checkpointer.wait_idle(timeout=30)
+        assert catalog.backend.checkpointer.wait_idle(timeout=30)
         catalog.write_images([_row(2)], [])  # no thread any more; writes go on
-        assert catalog._checkpointer.wait_idle(timeout=1) and catalog.count("image") == 2
+        assert catalog.backend.checkpointer.wait_idle(timeout=1) and catalog.count("image") == 2
+
+
+# Names a POSIX file system allows: bytes that are not UTF-8 (shown as lone surrogates),
+# control characters, PostgreSQL's escape character and text that looks like its escapes.
+AWKWARD_PATHS = [
+    "/photos/caf\udce9.jpg", "/photos/\udcff\udcfe/x.png", "/photos/tab\there.jpg", "/photos/soh\x01x.jpg",
+    "/photos/\x0141.jpg", "/photos/\x01ff.jpg", "/photos/ünïcødé 黒.png", "/photos/back\\slash.jpg",
+]
+
+
+def test_every_file_name_round_trips(tmp_path: Path, catalog_url):
+    rows = [{**_row(i), "path": p} for i, p in enumerate(AWKWARD_PATHS)]
+    with Catalog.open(where(catalog_url, tmp_path)) as catalog:
+        ids = catalog.write_images(rows, [])
+        assert catalog.image_paths(ids) == dict(zip(ids, AWKWARD_PATHS))
+        assert set(catalog.image_states(prefixes=["/photos"])) == set(AWKWARD_PATHS)
+        assert [p for p, _, _ in catalog.image_files()] == AWKWARD_PATHS
+        # updated and skipped rows too
+        catalog.write_images([], [{"id": ids[0], **rows[0], "content_hash": "new"}])
+        assert catalog.image_states()[AWKWARD_PATHS[0]].content_hash == "new"
+        catalog.write_skipped([{"path": p, "size": 1, "mtime_ns": 2, "reason": "bad"} for p in AWKWARD_PATHS], [])
+        assert set(catalog.skipped_files(["/photos"])) == set(AWKWARD_PATHS)
+        catalog.write_skipped([], AWKWARD_PATHS[:3])
+        assert set(catalog.skipped_files(["/photos"])) == set(AWKWARD_PATHS[3:])
+
+
+def test_postgres_path_escapes_are_reversible_and_leave_utf8_alone():
+    from mmsearch.postgres_backend import path_from_db, path_to_db
+
+    for path in [*AWKWARD_PATHS, "/nul\x00ff.jpg"]:  # NUL too, which no file name holds
+        stored = path_to_db(path)
+        assert "\x00" not in stored and stored.encode("utf-8")  # what PostgreSQL text can hold
+        assert path_from_db(stored) == path
+    assert len({path_to_db(p) for p in AWKWARD_PATHS}) == len(AWKWARD_PATHS)
+    plain = "/photos/ünïcødé 黒/a b.jpg"
+    assert path_to_db(plain) is plain
+
+
+def test_a_lost_server_connection_is_one_line_and_the_next_write_goes_on(pg_server, monkeypatch):
+    import mmsearch.store as store
+    from mmsearch.errors import CatalogError
+
+    url = pg_server.new_database()
+    with Catalog.open(url) as catalog:
+        first = catalog.write_images([_row(i) for i in range(3)], [])
+        original = store._bump_generation
+
+        def cut_then_bump(conn, kind):  # the server goes away in the middle of a transaction
+            pg_server.terminate(url)
+            original(conn, kind)
+
+        monkeypatch.setattr(store, "_bump_generation", cut_then_bump)
+        with pytest.raises(CatalogError) as caught:
+            catalog.write_images([_row(i) for i in range(3, 6)], [], removed_ids=first[:1])
+        message = str(caught.value)
+        assert message.startswith(f"cannot write to catalog {url}: lost the connection to the server (")
+        assert message.endswith("; nothing was changed") and "\n" not in message
+        monkeypatch.setattr(store, "_bump_generation", original)
+        # nothing committed is lost, nothing half-written stays; the pool connects again
+        assert catalog.ids("image").tolist() == first and catalog.generation("image") == 1
+        second = catalog.write_images([_row(i) for i in range(3, 6)], [])
+        assert catalog.ids("image").tolist() == first + second
+        pg_server.terminate(url)  # between two reads: the next one reconnects by itself
+        assert catalog.count("image") == 6
+    with pytest.raises(CatalogError) as caught:
+        Catalog.open(url.replace("/t", "/missing_t", 1))
+    assert str(caught.value).startswith("cannot open catalog postgresql+psycopg://mmsearch@/missing_t")
+    assert "\n" not in str(caught.value)
+
+
+def test_one_writer_per_catalog_on_postgres(pg_server):
+    import os
+
+    from mmsearch.errors import HomeLockedError
+
+    url = pg_server.new_database()
+    with Catalog.open(url) as one, Catalog.open(url) as other:
+        with one.writer_lock():
+            with pytest.raises(HomeLockedError) as caught:
+                with other.writer_lock():
+                    pass
+            assert f"is being written by pid {os.getpid()} on " in str(caught.value)
+            assert str(caught.value).endswith("; wait for it to finish")
+        with other.writer_lock():  # released when the first writer is done
+            pass

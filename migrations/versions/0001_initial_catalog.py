@@ -15,11 +15,12 @@ depends_on = None
 
 
 def upgrade() -> None:
+    # sizes and times are BIGINT on PostgreSQL (INTEGER there is 32-bit); on SQLite this DDL is as it always was
     op.create_table('images',
     sa.Column('id', sa.Integer(), nullable=False),
     sa.Column('path', sa.String(), nullable=False),
-    sa.Column('size', sa.Integer(), nullable=False),
-    sa.Column('mtime_ns', sa.Integer(), nullable=False),
+    sa.Column('size', sa.BigInteger().with_variant(sa.Integer(), 'sqlite'), nullable=False),
+    sa.Column('mtime_ns', sa.BigInteger().with_variant(sa.Integer(), 'sqlite'), nullable=False),
     sa.Column('content_hash', sa.String(), nullable=False),
     sa.Column('width', sa.Integer(), nullable=False),
     sa.Column('height', sa.Integer(), nullable=False),

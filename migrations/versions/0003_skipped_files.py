@@ -15,10 +15,11 @@ depends_on = None
 
 
 def upgrade() -> None:
+    # sizes and times are BIGINT on PostgreSQL (INTEGER there is 32-bit); on SQLite this DDL is as it always was
     op.create_table('skipped',
     sa.Column('path', sa.String(), nullable=False),
-    sa.Column('size', sa.Integer(), nullable=False),
-    sa.Column('mtime_ns', sa.Integer(), nullable=False),
+    sa.Column('size', sa.BigInteger().with_variant(sa.Integer(), 'sqlite'), nullable=False),
+    sa.Column('mtime_ns', sa.BigInteger().with_variant(sa.Integer(), 'sqlite'), nullable=False),
     sa.Column('reason', sa.String(), nullable=False),
     sa.PrimaryKeyConstraint('path', name=op.f('pk_skipped'))
     )

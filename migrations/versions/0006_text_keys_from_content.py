@@ -25,6 +25,7 @@ import hashlib
 import os
 import re
 
+import sqlalchemy as sa
 from alembic import op
 
 
@@ -65,8 +66,9 @@ def upgrade() -> None:
     )
     last = -1
     while True:
-        rows = conn.exec_driver_sql(
-            "SELECT id, key, source, text FROM texts WHERE id > ? ORDER BY id LIMIT ?", (last, _PAGE)
+        rows = conn.execute(
+            sa.text("SELECT id, key, source, text FROM texts WHERE id > :last ORDER BY id LIMIT :page"),
+            {"last": last, "page": _PAGE},
         ).fetchall()
         if not rows:
             break
@@ -77,7 +79,10 @@ def upgrade() -> None:
             if line is not None:
                 found.append((i, line, _key(source, text, False), _key(source, text, True)))
         if found:
-            conn.exec_driver_sql("INSERT INTO rekey_0006 VALUES (?, ?, ?, ?)", found)
+            conn.execute(
+                sa.text("INSERT INTO rekey_0006 VALUES (:i, :line, :short, :long)"),
+                [dict(zip(("i", "line", "short", "long"), row)) for row in found],
+            )
 
     # one group per (source, text), which the long key names; the last line of a group is kept.
     # Read through one cursor while texts is written: the cursor reads only the temporary table.
@@ -93,8 +98,12 @@ def upgrade() -> None:
         else:
             previous = long_key
             # a short key already taken (a corpus id spelt so, or a 64-bit collision): the long one
-            taken = conn.exec_driver_sql("SELECT 1 FROM texts WHERE key = ? AND id != ?", (short_key, i)).first()
-            conn.exec_driver_sql("UPDATE texts SET key = ? WHERE id = ?", (long_key if taken else short_key, i))
+            taken = conn.execute(
+                sa.text("SELECT 1 FROM texts WHERE key = :key AND id != :i"), {"key": short_key, "i": i}
+            ).first()
+            conn.execute(
+                sa.text("UPDATE texts SET key = :key WHERE id = :i"), {"key": long_key if taken else short_key, "i": i}
+            )
     deleted += _delete(conn, doomed)
     conn.exec_driver_sql("DROP TABLE rekey_0006")
     if deleted:
@@ -102,8 +111,8 @@ def upgrade() -> None:
         if current is None:
             conn.exec_driver_sql("INSERT INTO meta (key, value) VALUES ('generation.text', '1')")
         else:
-            conn.exec_driver_sql(
-                "UPDATE meta SET value = ? WHERE key = 'generation.text'", (str(int(current) + 1),)
+            conn.execute(
+                sa.text("UPDATE meta SET value = :value WHERE key = 'generation.text'"), {"value": str(int(current) + 1)}
             )
 
 
@@ -111,7 +120,8 @@ def _delete(conn, ids: list[int]) -> int:
     count = len(ids)
     for start in range(0, count, 500):
         chunk = ids[start:start + 500]
-        conn.exec_driver_sql(f"DELETE FROM texts WHERE id IN ({', '.join('?' * len(chunk))})", tuple(chunk))
+        conn.execute(sa.text("DELETE FROM texts WHERE id IN :ids").bindparams(sa.bindparam("ids", expanding=True)),
+                     {"ids": chunk})
     ids.clear()
     return count
 

@@ -24,8 +24,8 @@ def upgrade() -> None:
     sa.Column('id', sa.Integer(), autoincrement=False, nullable=False),
     sa.Column('source', sa.String(), nullable=False),
     sa.Column('vector', sa.LargeBinary(), nullable=False),
-    sa.Column('size', sa.Integer(), nullable=True),
-    sa.Column('mtime_ns', sa.Integer(), nullable=True),
+    sa.Column('size', sa.BigInteger().with_variant(sa.Integer(), 'sqlite'), nullable=True),
+    sa.Column('mtime_ns', sa.BigInteger().with_variant(sa.Integer(), 'sqlite'), nullable=True),
     sa.Column('width', sa.Integer(), nullable=True),
     sa.Column('height', sa.Integer(), nullable=True),
     sa.PrimaryKeyConstraint('kind', 'id', name=op.f('pk_staged_vectors'))
