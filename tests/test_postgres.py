@@ -152,3 +152,31 @@ def test_a_home_pointed_at_another_catalog_rebuilds_its_index(
     assert [h["path"] for h in hits([*home, "--catalog", url], "red")] == [str(lone)]
     assert len(hits(home, "red")) == 6
     assert [h["path"] for h in hits([*home, "--catalog", url], "red")] == [str(lone)]
+
+
+def test_reindex_on_a_server_catalog_switches_both_backends_alike(
+    photo_dir: Path, tmp_path: Path, tiny_model: Path, other_tiny_model: Path, pg_server
+) -> None:
+    url = pg_server.new_database()
+    corpus = tmp_path / "captions.txt"
+    corpus.write_text("a red square\na green field\nthe blue sea\n")
+    homes = {
+        "sqlite": ["--home", str(tmp_path / "sqlite-home")],
+        "postgresql": ["--home", str(tmp_path / "pg-home"), "--catalog", url],
+    }
+    reports = {}
+    for name, base in homes.items():
+        for command in (["index", "--quiet", str(photo_dir)], ["add-texts", "--quiet", str(corpus)]):
+            result = runner.invoke(app, [*base, "--model", str(tiny_model), *command])
+            assert result.exit_code == 0, result.output
+        result = runner.invoke(app, [*base, "--model", str(other_tiny_model), "reindex", "--quiet", "--json"])
+        assert result.exit_code == 0, result.output
+        reports[name] = json.loads(result.stdout.splitlines()[-1])
+        status = json.loads(runner.invoke(app, [*base, "status", "--json"]).stdout)
+        assert status["model"] == f"local-dir:{other_tiny_model}" and status["dim"] == 24
+        assert "reindex" not in status
+    for report in reports.values():
+        report.pop("seconds")
+    assert reports["sqlite"] == reports["postgresql"] and reports["sqlite"]["switched"]
+    for query in (["a red square"], ["--texts", "red"]):
+        assert hits(homes["sqlite"], *query) == hits(homes["postgresql"], *query)
