@@ -36,6 +36,9 @@ REFINE_FACTOR = 10
 #: k-means wants at least this many training points per centroid (FAISS warns below).
 MIN_POINTS_PER_CENTROID = 39
 
+#: Alternations of rotation and codebooks when OPQ is trained.
+OPQ_ITERATIONS = 8
+
 #: Neighbours per node of the HNSW graph over the cell centroids.
 HNSW_M = 32
 
@@ -89,6 +92,11 @@ def new_compressed_index(dim: int, count: int) -> Any:
     opq = bits == 8
     spec = f"{'OPQ%d,' % m if opq else ''}IVF{nlist}_HNSW{HNSW_M},PQ{m}x{bits}"
     index = faiss.index_factory(dim, spec, faiss.METRIC_INNER_PRODUCT)
+    if opq:
+        rotation = faiss.downcast_VectorTransform(index.chain.at(0))
+        # each OPQ iteration trains m codebooks again; FAISS's 50 (+40 for the first)
+        # cost more than the whole rest of the build on two cores
+        rotation.niter, rotation.niter_pq_0 = OPQ_ITERATIONS, OPQ_ITERATIONS
     ivf = faiss.extract_index_ivf(index)
     faiss.downcast_index(ivf).do_polysemous_training = False  # the factory's default; it trains Hamming codes we never search
     ivf.nprobe = nprobe(nlist)
@@ -136,6 +144,7 @@ class VectorFile:
         self._writable = writable
         self._map: np.ndarray | None = None
         self._map_rows = -1
+        self._used = 0  # rows written through this object
 
     @property
     def row_bytes(self) -> int:
@@ -181,7 +190,8 @@ class VectorFile:
         if not self._writable:
             self._writable, self._map = True, None
         ids = np.asarray(ids, dtype=np.int64)
-        target = self._mapped(int(ids.max()) + 1)
+        self._used = max(self._used, int(ids.max()) + 1)
+        target = self._mapped(self._used)
         target[ids] = np.asarray(vectors, dtype=np.float16)
 
     def read(self, ids: np.ndarray) -> np.ndarray:
@@ -202,7 +212,9 @@ class VectorFile:
                 with open(self.path, "rb+") as fh:
                     os.fsync(fh.fileno())
             return
+        self._map = None
         with open(self.path, "rb+") as fh:
+            fh.truncate(self._used * self.row_bytes)  # no growth slack in a new file
             os.fsync(fh.fileno())
         os.replace(self.path, final)
         self.path, self.temp = final, False
