@@ -28,6 +28,7 @@ import numpy as np
 
 from mmsearch.decode import Decoded, Skipped, decode_file, decode_many, enable_heif
 from mmsearch.discover import FileEntry, check_roots, walk
+from mmsearch.errors import UsageError
 from mmsearch.home import Home
 from mmsearch.schema import ImageState
 from mmsearch.store import under_any
@@ -220,8 +221,12 @@ def index_paths(
     progress: bool | Callable[[int, int], None] = True,
     on_skip: SkipHandler | None = None,
     on_lanes: Callable[[int], None] | None = None,
+    ray: bool = False,
 ) -> IndexReport:
     """Index every image under ``roots`` into ``home``; see the module docstring.
+
+    ``ray``: decode and encode on the Ray cluster this process is connected to
+    (:func:`mmsearch.raypipe.connected`); planning and writing stay here.
 
     ``progress``: a bar on stderr (``True``), none, or ``progress(done, total)`` called per batch.
     ``on_lanes(n)`` is called once, before ``n`` CPU lanes start encoding (not
@@ -263,7 +268,9 @@ def index_paths(
         writer = _Writer(home, states, ids_by_hash, report, home.settings.batch_size)
         if todo:
             bad: list[Skipped] = []
-            _encode_files(home, todo, writer, lambda s: bad.append(s) or skip(s.path, s.reason), progress, on_lanes)
+            _encode_files(
+                home, todo, writer, lambda s: bad.append(s) or skip(s.path, s.reason), progress, on_lanes, ray
+            )
             _remember_bad(home, todo, bad)
         if vanished:
             index = writer.get_index()
@@ -327,6 +334,7 @@ def _encode_files(
     home: Home, todo: list[FileEntry], writer: _Writer, skip: Callable[["Skipped"], None],
     progress: bool | Callable[[int, int], None],
     on_lanes: Callable[[int], None] | None = None,
+    ray: bool = False,
 ) -> None:
     from tqdm import tqdm
 
@@ -371,11 +379,21 @@ def _encode_files(
     on_progress = progress if callable(progress) else None
     done, total = 0, len(todo)
     try:
-        lanes = cpu_lanes(settings.workers) if encoder.device == "cpu" else 0
+        lanes = cpu_lanes(settings.workers) if encoder.device == "cpu" and not ray else 0
         if lanes and on_lanes is not None:
             on_lanes(lanes)
+        if ray and tokens is not None:
+            raise UsageError("--ray does not store the re-ranker's token states yet; index this model without --ray")
         while todo:
-            if lanes:
+            if ray:
+                from mmsearch import raypipe
+
+                steps = raypipe.steps(
+                    todo, per_image=split.per_image, to_batch=split.batch, min_side=encoder.image_size,
+                    known=frozenset(h for h in known if reuse(h)), max_bytes=settings.max_file_size,
+                    spec=home.spec, device=settings.device, int8=settings.int8, batch_size=settings.batch_size,
+                )
+            elif lanes:
                 steps = _in_lanes(todo, decode, encode, lanes, settings.batch_size)
             else:
                 steps = _streamed(todo, decode, encode, settings.workers, settings.batch_size)
