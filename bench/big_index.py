@@ -188,7 +188,7 @@ def main() -> None:
     ap.add_argument("--queries", type=int, default=200, help="image queries and text queries each")
     ap.add_argument("--dir", default=str(CACHE / "big"), help="where the source, the index and its vectors go")
     ap.add_argument("--nprobe", default="16,32,64,128", help="nprobe values to sweep (comma-separated)")
-    ap.add_argument("--factors", default="5,10,20", help="refine factors to sweep (candidates per result)")
+    ap.add_argument("--factors", default="10,20", help="refine factors to sweep (candidates per result)")
     ap.add_argument("--keep", action="store_true", help="keep the generated data and the index")
     ap.add_argument("--search-only", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
