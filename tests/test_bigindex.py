@@ -131,3 +131,30 @@ def test_training_sample_within_budget(monkeypatch):
     assert bigindex.train_size(10_000_000, 512) * 512 * 4 <= bigindex.TRAIN_BUDGET_BYTES
     assert bigindex.cells(10_000_000, 512) == 4096 and bigindex.code_bits(10_000_000, 512) == 8
     assert bigindex.subquantizers(512) == 64 and bigindex.subquantizers(36) == 4
+
+
+def test_cli_home_with_compressed_index_is_checked_repaired_and_searched(tmp_path, tiny_model, monkeypatch):
+    from typer.testing import CliRunner
+
+    from mmsearch.cli import app
+    from tests.conftest import make_image
+
+    monkeypatch.setattr(index_mod, "EXACT_MAX", 2)
+    monkeypatch.setattr(index_mod, "COMPRESSED_MIN", 3)
+    for i, colour in enumerate(["red", "green", "blue", "yellow", "white"]):
+        make_image(tmp_path / "photos" / f"{i}.png", colour)
+    home = tmp_path / "home"
+    base = ["--home", str(home), "--model", str(tiny_model)]
+    runner = CliRunner()
+    assert runner.invoke(app, [*base, "index", "--quiet", str(tmp_path / "photos")]).exit_code == 0
+    assert runner.invoke(app, [*base, "search", "red", "--json"]).exit_code == 0  # rebuilds it as ivfpq
+    assert json.loads((home / "images.faiss.json").read_text())["index_type"] == "ivfpq"
+    (home / "images.faiss.f16").unlink()
+    result = runner.invoke(app, [*base, "check", "--json"])
+    assert "unreadable-index" in {f["code"] for f in json.loads(result.stdout)["findings"]}
+    result = runner.invoke(app, [*base, "check", "--repair", "--json"])
+    assert result.exit_code == 0, result.output
+    meta = json.loads((home / "images.faiss.json").read_text())
+    assert meta["index_type"] == "ivfpq" and meta["count"] == 5 and (home / "images.faiss.f16").exists()
+    result = runner.invoke(app, [*base, "search", "--image", str(tmp_path / "photos" / "2.png"), "--json", "-k", "1"])
+    assert result.exit_code == 0 and "2.png" in result.stdout.splitlines()[0]
