@@ -33,8 +33,11 @@ from _common import CACHE, ROOT, machine, make_photos, table, vit_b32_dir
 def run(home: Path, model: Path, folder: Path, ray: bool) -> dict:
     cmd = [sys.executable, "-m", "mmsearch", "--home", str(home), "--model", f"local-dir:{model}",
            "index", str(folder), "--json", "--quiet"] + (["--ray"] if ray else [])
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_ADDRESS": ""}
-    out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=True)
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # a local cluster, on this machine
+    env["PYTHONPATH"] = str(ROOT)
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if out.returncode:
+        raise SystemExit(f"{' '.join(cmd)} failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 

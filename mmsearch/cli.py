@@ -163,7 +163,7 @@ def index(
         help="Skip image files larger than this (200MB, 1G, 1.5GiB...). Env: MMSEARCH_MAX_FILE_SIZE. Default: 200MB.",
     ),
     ray: Optional[str] = typer.Option(
-        None, "--ray", metavar="[ADDRESS]", is_flag=False, flag_value="",
+        None, "--ray", metavar="[ADDRESS]",
         help="Decode and encode on a Ray cluster (pip install 'mmsearch\\[ray]'): ADDRESS, else RAY_ADDRESS, "
              "else a local cluster for this run. The folders must be at the same path on every node.",
     ),
@@ -595,8 +595,26 @@ def _size(n: int) -> str:
     return f"{n} B"
 
 
+#: What a Ray cluster address looks like, so ``--ray`` can tell one from an indexed folder.
+_RAY_ADDRESS = re.compile(r"^(auto|local|[a-z][a-z0-9+.-]*://.*|[\w.-]+:\d+)$", re.IGNORECASE)
+
+
+def optional_values(argv: list[str]) -> list[str]:
+    """``--ray`` takes an optional ADDRESS: a bare ``--ray`` becomes ``--ray=`` (Typer has no optional values).
+
+    The next word is taken as the address only when it looks like one
+    (``auto``, ``host:port``, ``ray://host:port``), so ``index --ray PHOTOS`` indexes PHOTOS.
+    """
+    out: list[str] = []
+    for i, arg in enumerate(argv):
+        if arg == "--ray" and not (i + 1 < len(argv) and _RAY_ADDRESS.match(argv[i + 1])):
+            arg = "--ray="
+        out.append(arg)
+    return out
+
+
 def main() -> None:
-    app()
+    app(args=optional_values(sys.argv[1:]))
 
 
 if __name__ == "__main__":

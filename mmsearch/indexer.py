@@ -117,6 +117,9 @@ class _Writer:
         #: files sent to reuse a vector that was overwritten before they were written; they are encoded after all
         self.orphans: list[FileEntry] = []
         self.index = None
+        #: the run took the collection past what its index type suits (mmsearch.index.fits):
+        #: the index is no longer kept up to date in memory, and is built from the catalog at the end
+        self.outgrown = False
 
     def put(self, item: _Ready) -> None:
         self.pending.append(item)
@@ -180,11 +183,37 @@ class _Writer:
                 del self.ids_by_hash[old.content_hash]
             self.states[row["path"]] = ImageState(old.id, row["size"], row["mtime_ns"], row["content_hash"])
             self.ids_by_hash[row["content_hash"]] = old.id
+        if not self.outgrown and not isinstance(index, _NoIndex):
+            from mmsearch.index import fits
+
+            if not fits(index, index.count):
+                self.index, self.outgrown = None, True
 
     def get_index(self):
+        if self.outgrown:
+            return _NoIndex()
         if self.index is None:
             self.index = self.home.index("image")
         return self.index
+
+    def final_index(self):
+        """The index to save: the one kept in memory, or one built from the catalog if the run outgrew it."""
+        if not self.outgrown:
+            return self.get_index()
+        from mmsearch.index import build_from_catalog
+
+        home = self.home
+        return build_from_catalog(home.catalog, "image", home.dim, home.model_label, home.settings.index_path("image"))
+
+
+class _NoIndex:
+    """Stands in for an index the run has outgrown: changes go to the catalog only."""
+
+    def add(self, ids: np.ndarray, vectors: np.ndarray) -> None:
+        pass
+
+    def remove(self, ids: np.ndarray) -> int:
+        return 0
 
 
 def plan(
@@ -277,7 +306,7 @@ def index_paths(
             home.catalog.write_images([], [], removed_ids=vanished)
             index.remove(np.array(vanished, dtype=np.int64))
             report.removed = len(vanished)
-        home.save_index(writer.get_index())
+        home.save_index(writer.final_index())
     report.seconds = time.perf_counter() - started
     return report
 

@@ -49,14 +49,22 @@ def connected(address: str | None = None, **init_args: Any) -> Iterator[Any]:
 
     With no address Ray connects to ``RAY_ADDRESS`` if it is set, else starts a
     local cluster, stopped again at the end. A process that is already
-    connected (a test's cluster, a notebook) keeps its connection.
+    connected (a test's cluster, a notebook) keeps its connection. Ray Data's
+    own progress bars and info lines are turned off for the process: the
+    indexer's bar and skipped-file lines are the run's output.
     """
+    import logging
+
     ray = _ray()
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = False
+    context.print_on_execution_start = False
     if ray.is_initialized():
         yield ray
         return
     try:
-        ray.init(address=address, log_to_driver=False, **init_args)
+        ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING, **init_args)
     except (ConnectionError, RuntimeError, ValueError) as exc:
         raise UsageError(f"cannot reach the Ray cluster {address or os.environ.get('RAY_ADDRESS') or '(local)'}: "
                          f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
