@@ -250,7 +250,7 @@ def _repair(home: Home, report: CheckReport) -> list[str]:
             continue
         if not any(f.severity == "fixable" and f.kind == kind for f in report.findings):
             continue
-        index = build_from_catalog(home.catalog, kind, dim, model)
+        index = build_from_catalog(home.catalog, kind, dim, model, home.settings.index_path(kind))
         home.save_index(index)
         done.append(f"rebuilt {home.settings.index_path(kind).name} from the catalog: {index.count} vectors")
     return done

@@ -182,8 +182,14 @@ def index(
         None, "--max-file-size", metavar="SIZE",
         help="Skip image files larger than this (200MB, 1G, 1.5GiB...). Env: MMSEARCH_MAX_FILE_SIZE. Default: 200MB.",
     ),
+    ray: Optional[str] = typer.Option(
+        None, "--ray", metavar="[ADDRESS]",
+        help="Decode and encode on a Ray cluster (pip install 'mmsearch\\[ray]'): ADDRESS, else RAY_ADDRESS, "
+             "else a local cluster for this run. The folders must be at the same path on every node.",
+    ),
 ) -> None:
     """Embed every image under PATH...; unchanged files are not read again."""
+    import contextlib
     import dataclasses
 
     from mmsearch.home import Home
@@ -195,10 +201,15 @@ def index(
     if max_file_size is not None:
         settings = dataclasses.replace(settings, max_file_size=parse_size(max_file_size, "--max-file-size"))
     share_cores_with_decoding()  # before torch loads (an unchanged folder never loads it)
-    with Home.open(settings) as home:
+    with contextlib.ExitStack() as stack:
+        if ray is not None:
+            from mmsearch.raypipe import connected
+
+            stack.enter_context(connected(ray or None))
+        home = stack.enter_context(Home.open(settings))
         home.before_model_load = prepare_model_access
         report = index_paths(
-            home, paths, progress=not quiet, on_lanes=threads_for_lanes,
+            home, paths, progress=not quiet, on_lanes=threads_for_lanes, ray=ray is not None,
             on_skip=lambda path, reason: warn(f"skipped {show_path(path)}: {one_line(reason)}"),
         )
     for note in unsupported_notes(report):
@@ -683,8 +694,26 @@ def _size(n: int) -> str:
     return f"{n} B"
 
 
+#: What a Ray cluster address looks like, so ``--ray`` can tell one from an indexed folder.
+_RAY_ADDRESS = re.compile(r"^(auto|local|[a-z][a-z0-9+.-]*://.*|[\w.-]+:\d+)$", re.IGNORECASE)
+
+
+def optional_values(argv: list[str]) -> list[str]:
+    """``--ray`` takes an optional ADDRESS: a bare ``--ray`` becomes ``--ray=`` (Typer has no optional values).
+
+    The next word is taken as the address only when it looks like one
+    (``auto``, ``host:port``, ``ray://host:port``), so ``index --ray PHOTOS`` indexes PHOTOS.
+    """
+    out: list[str] = []
+    for i, arg in enumerate(argv):
+        if arg == "--ray" and not (i + 1 < len(argv) and _RAY_ADDRESS.match(argv[i + 1])):
+            arg = "--ray="
+        out.append(arg)
+    return out
+
+
 def main() -> None:
-    app()
+    app(args=optional_values(sys.argv[1:]))
 
 
 if __name__ == "__main__":

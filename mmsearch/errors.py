@@ -69,3 +69,7 @@ class EmptyIndexError(MmsearchError):
 
 class RerankerUnavailableError(MmsearchError):
     """Re-ranking asked of a model that has no (loadable) re-ranker."""
+
+
+class SharedMountError(MmsearchError):
+    """A Ray worker cannot read a file the driver can: the folders are not shared at the same path."""

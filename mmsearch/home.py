@@ -311,9 +311,11 @@ class Home:
         from mmsearch.index import temp_files
 
         path = self.settings.index_path(index.kind)
+        in_use = index.vectors.path if index.vectors is not None else None  # a rebuild's exact vectors
         try:
             for stale in temp_files(path):  # no other save is in flight: we hold the save lock
-                stale.unlink(missing_ok=True)
+                if stale != in_use:
+                    stale.unlink(missing_ok=True)
             index.save(path)
         except (OSError, RuntimeError) as exc:  # RuntimeError: FAISS's own write errors
             raise self._cannot_write(
@@ -343,6 +345,8 @@ class Home:
                     self._save(index)
         except (OSError, HomeWriteError):
             pass
+        # kept in memory only: an ivfpq rebuild's temp file of exact vectors stays open
+        # for its searches and is removed when the index is dropped (mmsearch.bigindex.VectorFile)
 
     @contextmanager
     def save_lock(self) -> Iterator[None]:

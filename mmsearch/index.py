@@ -13,13 +13,16 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 
 from mmsearch.errors import IndexCorruptError
 from mmsearch.schema import Kind
 from mmsearch.store import Catalog
+
+if TYPE_CHECKING:
+    from mmsearch.bigindex import VectorFile
 
 #: Index types this module can build. ``flat`` is exact inner product; ``ivf``
 #: is an inverted-file index (k-means cells, the ``nprobe`` nearest cells are
@@ -32,11 +35,19 @@ from mmsearch.store import Catalog
 #: for them this costs nothing more; float32 vectors of older catalogs move by
 #: under 1e-4 of score, and recall@10 was unchanged in bench/query_latency.py. ``ivf-flat`` (float32 vectors, what
 #: ``ivf`` built before) stays loadable and buildable for comparison.
-INDEX_TYPES = ("flat", "ivf", "ivf-flat")
+#: ``ivfpq`` is the compressed tier for very large collections (mmsearch.bigindex):
+#: product-quantised codes rank candidates, which are re-scored with exact vectors.
+INDEX_TYPES = ("flat", "ivf", "ivf-flat", "ivfpq")
 
 #: Below this many vectors exact search is kept: ~2 ms at 10k and ~18 ms at 100k per query
 #: on 2 quiet cores (360+ ms at 1M), exact results, no training (bench/query_latency.py).
 EXACT_MAX = 100_000
+
+#: From this many vectors on, the compressed on-disk index (``ivfpq``) is built:
+#: ``ivf`` holds 1 KB of float16 per 512-d vector in memory, 2 GB here, the
+#: budget of a search process; ``ivfpq`` holds 64 bytes of codes and maps the
+#: exact vectors from disk (docs/scale.md has the measurements).
+COMPRESSED_MIN = 2_000_000
 
 #: Vectors sampled per cell to train the IVF cells (faiss warns below 39).
 TRAIN_PER_CELL = 40
@@ -44,7 +55,9 @@ TRAIN_PER_CELL = 40
 
 def choose_index_type(count: int) -> str:
     """The index type for a collection of ``count`` vectors."""
-    return "flat" if count < EXACT_MAX else "ivf"
+    if count < EXACT_MAX:
+        return "flat"
+    return "ivf" if count < COMPRESSED_MIN else "ivfpq"
 
 
 def ivf_cells(count: int) -> int:
@@ -79,6 +92,10 @@ def new_faiss_index(dim: int, index_type: str, count: int = 0) -> Any:
     faiss = _faiss()
     if index_type == "flat":
         return faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
+    if index_type == "ivfpq":
+        from mmsearch.bigindex import new_compressed_index
+
+        return new_compressed_index(dim, count)
     if index_type in ("ivf", "ivf-flat"):
         nlist = ivf_cells(count)
         # IVF stores ids itself, and its remove_ids is correct; IDMap around it is not
@@ -97,7 +114,12 @@ def new_faiss_index(dim: int, index_type: str, count: int = 0) -> Any:
 
 @dataclass
 class VectorIndex:
-    """A FAISS index of one kind of vector, with what its sidecar says."""
+    """A FAISS index of one kind of vector, with what its sidecar says.
+
+    An ``ivfpq`` index also has :attr:`vectors`, the exact vectors its
+    searches are re-scored with; one loaded from disk is memory-mapped and
+    read into memory only when it is first changed (:attr:`source`).
+    """
 
     kind: Kind
     dim: int
@@ -105,6 +127,9 @@ class VectorIndex:
     index_type: str
     faiss_index: Any
     generation: int = 0
+    vectors: "VectorFile | None" = None
+    #: the file a memory-mapped (read-only) FAISS index was mapped from
+    source: Path | None = None
 
     @property
     def count(self) -> int:
@@ -118,33 +143,61 @@ class VectorIndex:
     def trained(self) -> bool:
         return bool(self.faiss_index.is_trained)
 
+    @property
+    def ivf(self) -> Any:
+        """The inverted-file part of an ``ivf*`` index (inside the OPQ transform of an ``ivfpq`` one)."""
+        if self.index_type == "ivfpq":
+            return _faiss().extract_index_ivf(self.faiss_index)
+        return self.faiss_index
+
     def train(self, vectors: np.ndarray) -> None:
-        """Fit an IVF index's cells to a sample of the vectors it will hold."""
+        """Fit an IVF index's cells (and codebooks) to a sample of the vectors it will hold."""
         self.faiss_index.train(np.ascontiguousarray(vectors, dtype=np.float32))
+
+    def _writable(self) -> None:
+        """Read a memory-mapped index into memory before it is changed (mapped lists cannot grow)."""
+        if self.source is not None:
+            faiss = _faiss()
+            probe = int(self.ivf.nprobe)
+            self.faiss_index = faiss.read_index(str(self.source))
+            self.ivf.nprobe = probe
+            from mmsearch.bigindex import set_quantizer_ef
+
+            set_quantizer_ef(self.ivf)
+            self.source = None
 
     def add(self, ids: np.ndarray, vectors: np.ndarray) -> None:
         if len(ids):
-            self.faiss_index.add_with_ids(
-                np.ascontiguousarray(vectors, dtype=np.float32), np.ascontiguousarray(ids, dtype=np.int64)
-            )
+            self._writable()
+            ids = np.ascontiguousarray(ids, dtype=np.int64)
+            vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+            self.faiss_index.add_with_ids(vectors, ids)
+            if self.vectors is not None:
+                self.vectors.write(ids, vectors)
 
     def remove(self, ids: np.ndarray) -> int:
         if not len(ids):
             return 0
+        self._writable()
         return int(self.faiss_index.remove_ids(np.ascontiguousarray(ids, dtype=np.int64)))
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """``(scores, ids)``, each (n_queries, k); missing slots have id -1."""
         k = max(1, min(k, self.count)) if self.count else 1
         queries = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)
-        return self.faiss_index.search(queries, k)
+        if self.vectors is None:
+            return self.faiss_index.search(queries, k)
+        from mmsearch.bigindex import REFINE_FACTOR, refine
+
+        _, candidates = self.faiss_index.search(queries, min(self.count, k * REFINE_FACTOR))
+        return refine(queries, candidates, self.vectors, k)
 
     def ids(self) -> np.ndarray:
         import faiss
 
         if not self.index_type.startswith("ivf"):
             return faiss.vector_to_array(self.faiss_index.id_map).astype(np.int64)
-        lists = self.faiss_index.invlists
+        lists = self.ivf.invlists
         parts = [
             faiss.rev_swig_ptr(lists.get_ids(i), lists.list_size(i)).copy()
             for i in range(lists.nlist)
@@ -155,6 +208,17 @@ class VectorIndex:
     # -- files --------------------------------------------------------------
 
     def sidecar(self) -> dict[str, Any]:
+        extra: dict[str, Any] = {}
+        if self.index_type == "ivfpq":
+            from mmsearch.bigindex import REFINE_FACTOR, describe
+
+            extra = describe(self.faiss_index)
+            if self.vectors is not None:
+                extra["refine"] = {"file": self.vectors.path.name, "dtype": "float16",
+                                   "rows": self.vectors.rows, "factor": REFINE_FACTOR}
+        elif self.index_type.startswith("ivf"):
+            extra = {"nlist": int(self.faiss_index.nlist), "nprobe": int(self.faiss_index.nprobe),
+                     "storage": "float16" if hasattr(self.faiss_index, "sq") else "float32"}
         return {
             "kind": self.kind,
             "dim": self.dim,
@@ -162,33 +226,61 @@ class VectorIndex:
             "index_type": self.index_type,
             "count": self.count,
             "generation": self.generation,
-            **({"nlist": int(self.faiss_index.nlist), "nprobe": int(self.faiss_index.nprobe),
-                "storage": "float16" if hasattr(self.faiss_index, "sq") else "float32"}
-               if self.index_type.startswith("ivf") else {}),
+            **extra,
         }
 
     def save(self, path: Path) -> None:
-        """Write index and sidecar atomically (temp file, fsync, rename)."""
+        """Write index and sidecar atomically (temp file, fsync, rename); exact vectors first."""
         faiss = _faiss()
         path.parent.mkdir(parents=True, exist_ok=True)
+        if self.vectors is not None:
+            self.vectors.commit(vectors_path(path))
         _atomic_write(path, lambda tmp: _write_faiss(faiss, self.faiss_index, tmp))
-        payload = json.dumps(self.sidecar(), indent=2).encode()
-        _atomic_write(sidecar_path(path), lambda tmp: Path(tmp).write_bytes(payload))
+        payload = self.sidecar()
+        if self.vectors is not None:
+            payload["refine"]["file"] = vectors_path(path).name
+        data = json.dumps(payload, indent=2).encode()
+        _atomic_write(sidecar_path(path), lambda tmp: Path(tmp).write_bytes(data))
 
     @classmethod
     def load(cls, path: Path) -> "VectorIndex":
+        """Read an index; an ``ivfpq`` one is memory-mapped, with its exact vectors."""
         faiss = _faiss()
         try:
             meta = json.loads(sidecar_path(path).read_text())
-            index = faiss.read_index(str(path))
+            mapped = meta.get("index_type") == "ivfpq"
+            index = faiss.read_index(str(path), faiss.IO_FLAG_MMAP_IFC) if mapped else faiss.read_index(str(path))
         except (OSError, ValueError, RuntimeError) as exc:
             raise IndexCorruptError(f"cannot read {path}: {str(exc).splitlines()[0] if str(exc) else exc}") from None
         vi = cls(meta["kind"], int(meta["dim"]), meta["model"], meta["index_type"], index, int(meta["generation"]))
+        if mapped:
+            from mmsearch.bigindex import VectorFile, set_quantizer_ef
+
+            vi.source = path
+            vectors = VectorFile(vectors_path(path), vi.dim)
+            rows = int(meta.get("refine", {}).get("rows", -1))
+            if rows < 0 or vectors.rows < rows:
+                raise IndexCorruptError(
+                    f"{vectors.path} holds {vectors.rows} rows of exact vectors, {path.name}'s sidecar says {rows}"
+                )
+            vi.vectors = vectors
         if "nprobe" in meta:
-            index.nprobe = int(meta["nprobe"])
+            vi.ivf.nprobe = int(meta["nprobe"])
+            if mapped:
+                set_quantizer_ef(vi.ivf)
         if vi.count != int(meta["count"]) or index.d != vi.dim:
             raise IndexCorruptError(f"{path} holds {vi.count} vectors of dim {index.d}, its sidecar says otherwise")
         return vi
+
+    def discard(self) -> None:
+        """Drop the temp file of exact vectors of an index that will not be saved."""
+        if self.vectors is not None:
+            self.vectors.discard()
+
+
+def vectors_path(path: Path) -> Path:
+    """The exact (float16) vectors that refine the ``ivfpq`` index at ``path``."""
+    return path.with_name(path.name + ".f16")
 
 
 def sidecar_path(path: Path) -> Path:
@@ -240,15 +332,31 @@ def _atomic_write(path: Path, write: Any) -> None:
             os.unlink(tmp)
 
 
-def build_from_catalog(catalog: Catalog, kind: Kind, dim: int, model: str) -> VectorIndex:
-    """A fresh index holding exactly the catalog's vectors of ``kind``."""
+def build_from_catalog(
+    catalog: Catalog, kind: Kind, dim: int, model: str, path: Path | None = None
+) -> VectorIndex:
+    """A fresh index holding exactly the catalog's vectors of ``kind``.
+
+    ``path`` is where it will be saved: an ``ivfpq`` index writes its exact
+    vectors to a temp file beside it (in the system temp folder without one).
+    """
     count = catalog.count(kind)
     index_type = choose_index_type(count)
     index = VectorIndex(kind, dim, model, index_type, new_faiss_index(dim, index_type, count))
     index.generation = catalog.generation(kind)
+    if index_type == "ivfpq":
+        from mmsearch.bigindex import VectorFile
+
+        final = vectors_path(path) if path is not None else Path(tempfile.gettempdir()) / f"{kind}s.faiss.f16"
+        index.vectors = VectorFile.create(final, dim)
     if not index.trained:
         all_ids = catalog.ids(kind)
-        sample_size = min(len(all_ids), TRAIN_PER_CELL * int(index.faiss_index.nlist))
+        if index_type == "ivfpq":
+            from mmsearch.bigindex import train_size
+
+            sample_size = min(len(all_ids), train_size(count, dim))
+        else:
+            sample_size = min(len(all_ids), TRAIN_PER_CELL * int(index.faiss_index.nlist))
         sample = np.sort(np.random.default_rng(0).choice(all_ids, sample_size, replace=False))
         by_id = catalog.vectors(kind, sample.tolist(), dim)
         index.train(np.stack([by_id[int(i)] for i in sample if int(i) in by_id]))
@@ -260,15 +368,21 @@ def build_from_catalog(catalog: Catalog, kind: Kind, dim: int, model: str) -> Ve
 def fits(index: VectorIndex, count: int) -> bool:
     """Whether ``index`` still suits a collection of ``count`` vectors.
 
-    Flat turns into IVF past :data:`EXACT_MAX`; an IVF index is kept while the
+    Flat turns into IVF past :data:`EXACT_MAX`, IVF into the compressed
+    ``ivfpq`` past :data:`COMPRESSED_MIN`; an IVF index is kept while the
     collection stays within a factor 4 of what its cells were sized for (new
-    vectors are added to it, not rebuilt), so switching back and forth near
-    the threshold cannot make every run rebuild.
+    vectors are added to it, not rebuilt), and an ``ivfpq`` one down to half
+    its threshold, so switching back and forth near a threshold cannot make
+    every run rebuild.
     """
     if index.index_type == "flat":
         return choose_index_type(count) == "flat"
-    nlist = int(index.faiss_index.nlist)
-    return count >= EXACT_MAX // 2 and ivf_cells(count) <= 2 * nlist
+    nlist = int(index.ivf.nlist)
+    if index.index_type == "ivfpq":
+        from mmsearch.bigindex import cells
+
+        return count >= COMPRESSED_MIN // 2 and cells(count, index.dim) <= 2 * nlist
+    return EXACT_MAX // 2 <= count < COMPRESSED_MIN and ivf_cells(count) <= 2 * nlist
 
 
 def open_index(
@@ -298,7 +412,7 @@ def open_index(
             and fits(index, index.count)
         ):
             return index
-    index = build_from_catalog(catalog, kind, dim, model)
+    index = build_from_catalog(catalog, kind, dim, model, path)
     if on_rebuild is None:
         index.save(path)
     else:

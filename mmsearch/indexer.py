@@ -28,6 +28,7 @@ import numpy as np
 
 from mmsearch.decode import Decoded, Skipped, decode_file, decode_many, enable_heif
 from mmsearch.discover import FileEntry, check_roots, walk
+from mmsearch.errors import UsageError
 from mmsearch.home import Home
 from mmsearch.schema import ImageState
 from mmsearch.store import under_any
@@ -116,6 +117,9 @@ class _Writer:
         #: files sent to reuse a vector that was overwritten before they were written; they are encoded after all
         self.orphans: list[FileEntry] = []
         self.index = None
+        #: the run took the collection past what its index type suits (mmsearch.index.fits):
+        #: the index is no longer kept up to date in memory, and is built from the catalog at the end
+        self.outgrown = False
 
     def put(self, item: _Ready) -> None:
         self.pending.append(item)
@@ -179,11 +183,37 @@ class _Writer:
                 del self.ids_by_hash[old.content_hash]
             self.states[row["path"]] = ImageState(old.id, row["size"], row["mtime_ns"], row["content_hash"])
             self.ids_by_hash[row["content_hash"]] = old.id
+        if not self.outgrown and not isinstance(index, _NoIndex):
+            from mmsearch.index import fits
+
+            if not fits(index, index.count):
+                self.index, self.outgrown = None, True
 
     def get_index(self):
+        if self.outgrown:
+            return _NoIndex()
         if self.index is None:
             self.index = self.home.index("image")
         return self.index
+
+    def final_index(self):
+        """The index to save: the one kept in memory, or one built from the catalog if the run outgrew it."""
+        if not self.outgrown:
+            return self.get_index()
+        from mmsearch.index import build_from_catalog
+
+        home = self.home
+        return build_from_catalog(home.catalog, "image", home.dim, home.model_label, home.settings.index_path("image"))
+
+
+class _NoIndex:
+    """Stands in for an index the run has outgrown: changes go to the catalog only."""
+
+    def add(self, ids: np.ndarray, vectors: np.ndarray) -> None:
+        pass
+
+    def remove(self, ids: np.ndarray) -> int:
+        return 0
 
 
 def plan(
@@ -220,8 +250,12 @@ def index_paths(
     progress: bool | Callable[[int, int], None] = True,
     on_skip: SkipHandler | None = None,
     on_lanes: Callable[[int], None] | None = None,
+    ray: bool = False,
 ) -> IndexReport:
     """Index every image under ``roots`` into ``home``; see the module docstring.
+
+    ``ray``: decode and encode on the Ray cluster this process is connected to
+    (:func:`mmsearch.raypipe.connected`); planning and writing stay here.
 
     ``progress``: a bar on stderr (``True``), none, or ``progress(done, total)`` called per batch.
     ``on_lanes(n)`` is called once, before ``n`` CPU lanes start encoding (not
@@ -263,14 +297,16 @@ def index_paths(
         writer = _Writer(home, states, ids_by_hash, report, home.settings.batch_size)
         if todo:
             bad: list[Skipped] = []
-            _encode_files(home, todo, writer, lambda s: bad.append(s) or skip(s.path, s.reason), progress, on_lanes)
+            _encode_files(
+                home, todo, writer, lambda s: bad.append(s) or skip(s.path, s.reason), progress, on_lanes, ray
+            )
             _remember_bad(home, todo, bad)
         if vanished:
             index = writer.get_index()
             home.catalog.write_images([], [], removed_ids=vanished)
             index.remove(np.array(vanished, dtype=np.int64))
             report.removed = len(vanished)
-        home.save_index(writer.get_index())
+        home.save_index(writer.final_index())
     report.seconds = time.perf_counter() - started
     return report
 
@@ -327,6 +363,7 @@ def _encode_files(
     home: Home, todo: list[FileEntry], writer: _Writer, skip: Callable[["Skipped"], None],
     progress: bool | Callable[[int, int], None],
     on_lanes: Callable[[int], None] | None = None,
+    ray: bool = False,
 ) -> None:
     from tqdm import tqdm
 
@@ -371,11 +408,21 @@ def _encode_files(
     on_progress = progress if callable(progress) else None
     done, total = 0, len(todo)
     try:
-        lanes = cpu_lanes(settings.workers) if encoder.device == "cpu" else 0
+        lanes = cpu_lanes(settings.workers) if encoder.device == "cpu" and not ray else 0
         if lanes and on_lanes is not None:
             on_lanes(lanes)
+        if ray and tokens is not None:
+            raise UsageError("--ray does not store the re-ranker's token states yet; index this model without --ray")
         while todo:
-            if lanes:
+            if ray:
+                from mmsearch import raypipe
+
+                steps = raypipe.steps(
+                    todo, per_image=split.per_image, to_batch=split.batch, min_side=encoder.image_size,
+                    known=frozenset(h for h in known if reuse(h)), max_bytes=settings.max_file_size,
+                    spec=home.spec, device=settings.device, int8=settings.int8, batch_size=settings.batch_size,
+                )
+            elif lanes:
                 steps = _in_lanes(todo, decode, encode, lanes, settings.batch_size)
             else:
                 steps = _streamed(todo, decode, encode, settings.workers, settings.batch_size)

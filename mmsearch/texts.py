@@ -412,7 +412,9 @@ class _TextWriter:
             return
         index = self.index
         if index is None:
-            index = build_from_catalog(home.catalog, "text", home.dim, home.spec.canonical)
+            index = build_from_catalog(
+                home.catalog, "text", home.dim, home.spec.canonical, home.settings.index_path("text")
+            )
         home.save_index(index)
 
 

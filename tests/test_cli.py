@@ -133,3 +133,12 @@ def test_python_dash_m_and_version(tmp_path):
     # --help must not import torch (it takes seconds)
     code = "import sys; from mmsearch.cli import app; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_ray_takes_an_optional_address():
+    from mmsearch.cli import optional_values
+
+    assert optional_values(["index", "photos", "--ray"]) == ["index", "photos", "--ray="]
+    assert optional_values(["index", "--ray", "photos"]) == ["index", "--ray=", "photos"]
+    assert optional_values(["index", "--ray", "ray://head:10001", "p"]) == ["index", "--ray", "ray://head:10001", "p"]
+    assert optional_values(["index", "--ray", "10.0.0.5:6379", "p"]) == ["index", "--ray", "10.0.0.5:6379", "p"]

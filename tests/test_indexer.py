@@ -177,3 +177,20 @@ def test_cpu_lanes_give_torch_its_thread_count_back(photo_dir, home, tiny_model)
     with _home(home, tiny_model) as h:
         index_paths(h, [photo_dir], progress=False)
     assert torch.get_num_threads() == before
+
+
+def test_run_that_outgrows_its_index_type_builds_the_next_tier_at_the_end(photo_dir, home, tiny_model, monkeypatch):
+    """A first run over a large collection does not grow a flat index past its tier in memory."""
+    import mmsearch.index as index_mod
+
+    monkeypatch.setattr(index_mod, "EXACT_MAX", 3)
+    monkeypatch.setattr(index_mod, "ivf_cells", lambda count: 2)  # cells six vectors can train
+    built = []
+    real = index_mod.build_from_catalog
+    monkeypatch.setattr(index_mod, "build_from_catalog", lambda c, *a, **k: built.append(c.count("image")) or real(c, *a, **k))
+    with _home(home, tiny_model, batch_size=2) as h:
+        report = index_paths(h, [photo_dir], progress=False)
+        assert report.added == 6 and built == [0, 6]  # the empty one it started with, then once at the end
+        meta = __import__("json").loads((home / "images.faiss.json").read_text())
+        assert meta["index_type"] == "ivf" and meta["count"] == 6
+        assert _faiss_ids(h) == sorted(s.id for s in h.catalog.image_states().values())
