@@ -66,12 +66,16 @@ def with_reranker(model: Path, folder: Path) -> Path:
 
 
 def encode_alone(model: Path, runs: int) -> tuple[float, float]:
-    """p50/p95 (ms) of encoding one text query in this process on one thread: the floor of a text query."""
+    """p50/p95 (ms) of encoding one text query in this process on one thread: the floor of a text query.
+
+    At the text precision the server has (``MMSEARCH_TEXT_PRECISION``, else auto).
+    """
     from mmsearch.encode import load_encoder
     from mmsearch.runtime import set_torch_threads
+    from mmsearch.settings import resolve
 
     set_torch_threads(1)
-    encoder = load_encoder(str(model))
+    encoder = load_encoder(str(model), text_precision=resolve().text_precision)
     encoder.embed_texts([TEXTS[0]])
     times = []
     for i in range(runs):
