@@ -9,7 +9,7 @@ to take model loads out as well, from the difference between a run of
 times; medians are reported. The catalogs of the two kinds of run are then
 compared: the same files, the same vectors.
 
-    python bench/ray_index.py --photos 200 --rounds 2
+    python bench/ray_index.py --photos 600 --rounds 2
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ def vectors(home: Path) -> dict[str, bytes]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--photos", type=int, default=200, help="photos in the folder (half as many for the second size)")
+    ap.add_argument("--photos", type=int, default=600, help="photos in the folder (half as many for the second size)")
     ap.add_argument("--rounds", type=int, default=2, help="alternating rounds of plain and --ray runs")
     ap.add_argument("--size", default="1500x1000", help="photo size, WxH")
     args = ap.parse_args()

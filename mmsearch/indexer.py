@@ -28,7 +28,6 @@ import numpy as np
 
 from mmsearch.decode import Decoded, Skipped, decode_file, decode_many, enable_heif
 from mmsearch.discover import FileEntry, check_roots, walk
-from mmsearch.errors import UsageError
 from mmsearch.home import Home
 from mmsearch.schema import ImageState
 from mmsearch.store import under_any
@@ -411,8 +410,6 @@ def _encode_files(
         lanes = cpu_lanes(settings.workers) if encoder.device == "cpu" and not ray else 0
         if lanes and on_lanes is not None:
             on_lanes(lanes)
-        if ray and tokens is not None:
-            raise UsageError("--ray does not store the re-ranker's token states yet; index this model without --ray")
         while todo:
             if ray:
                 from mmsearch import raypipe
@@ -421,6 +418,7 @@ def _encode_files(
                     todo, per_image=split.per_image, to_batch=split.batch, min_side=encoder.image_size,
                     known=frozenset(h for h in known if reuse(h)), max_bytes=settings.max_file_size,
                     spec=home.spec, device=settings.device, int8=settings.int8, batch_size=settings.batch_size,
+                    tokens=(tokens.tokens, tokens.dim) if tokens is not None else None,
                 )
             elif lanes:
                 steps = _in_lanes(todo, decode, encode, lanes, settings.batch_size)

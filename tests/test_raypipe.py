@@ -51,7 +51,7 @@ def test_ray_run_gives_the_catalog_and_results_of_a_plain_run(cluster, photo_dir
             reports[how] = index_paths(h, [photo_dir], progress=False, ray=how == "ray",
                                        on_skip=lambda p, r, how=how: skipped[how].append(f"{Path(p).name}: {r}"))
             catalogs[how] = _catalog(h)
-            query = next(iter(catalogs[how].values())).astype(np.float32)
+            query = catalogs[how]["red.jpg"].astype(np.float32)  # ids follow the order batches finish in
             _, ids = h.index("image").search(query, 3)
             names = {s.id: Path(p).name for p, s in h.catalog.image_states().items()}
             hits[how] = [names[int(i)] for i in ids[0]]
@@ -108,3 +108,30 @@ def test_worker_that_cannot_read_a_file_is_a_clear_error(cluster, photo_dir, tmp
         with pytest.raises(SharedMountError, match="same path on every node"):
             index_paths(h, [photo_dir], progress=False, ray=True)
         assert h.catalog.count("image") == 0
+
+
+def test_ray_run_stores_the_re_rankers_token_states_a_plain_run_stores(cluster, photo_dir, tmp_path,
+                                                                       untrained_rerank_model):
+    from mmsearch.rerank import TokenStore
+
+    stored = {}
+    for how in ("plain", "ray"):
+        with _home(tmp_path / how, untrained_rerank_model) as h:
+            assert index_paths(h, [photo_dir], progress=False, ray=how == "ray").added == 6
+            hashes = sorted(s.content_hash for s in h.catalog.image_states().values())
+            store = TokenStore.open(h.settings.home, h.spec.canonical)
+            assert store is not None
+            stored[how] = dict(zip(hashes, store.get(hashes)))
+    assert stored["ray"].keys() == stored["plain"].keys()
+    for content_hash, plain in stored["plain"].items():
+        assert plain is not None and stored["ray"][content_hash] is not None
+        np.testing.assert_allclose(stored["ray"][content_hash].astype(np.float32), plain.astype(np.float32), atol=2e-3)
+
+
+def test_the_pool_follows_the_cluster():
+    two_cores = raypipe.plan([2.0], gpus=0)  # this machine: two lanes of one thread, as a plain run
+    assert (two_cores.actors, two_cores.threads) == (2, 1)
+    assert two_cores.actors * two_cores.actor_cpus + two_cores.actors * two_cores.decode_cpus <= 2
+    big = raypipe.plan([64.0, 32.0], gpus=0)
+    assert (big.actors, big.threads, big.gpus) == (8, 8, False)
+    assert raypipe.plan([8.0], gpus=3) == raypipe.Plan(actors=3, gpus=True, actor_cpus=0, threads=0, decode_cpus=1)
