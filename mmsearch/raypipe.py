@@ -239,13 +239,17 @@ def steps(
         fn_constructor_args=(spec, device if pool.gpus else "cpu", int8, to_batch, tokens, pool.threads),
         batch_size=batch,
         batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(size=pool.actors),
+        # a CPU actor takes its next batch when it is free, so none waits while
+        # another has two queued; a GPU actor keeps Ray's queue to stay fed
+        compute=ray.data.ActorPoolStrategy(size=pool.actors, max_tasks_in_flight_per_actor=None if pool.gpus else 1),
         num_gpus=1 if pool.gpus else 0,
         num_cpus=pool.actor_cpus,
         max_restarts=RETRIES,
         max_task_retries=RETRIES,
     )
-    for batch_out in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2):
+    # no prefetching: a finished batch is handed to the writer at once, not
+    # when the next ones are ready too
+    for batch_out in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=0):
         results: list[Decoded | Skipped] = []
         rows = []
         for i, path in enumerate(batch_out["path"]):
