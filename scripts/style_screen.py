@@ -48,6 +48,43 @@ def _old_augment(x: torch.Tensor, gen: torch.Generator, *_: object) -> torch.Ten
     return F.grid_sample(x, grid, padding_mode="border", align_corners=False)
 
 
+def _concept_pairs_order(text_of: np.ndarray, gen: torch.Generator) -> torch.Tensor:
+    """Pairs in runs of two of one concept (two styles of one caption side by side), runs shuffled."""
+    by_text: dict[int, list[int]] = {}
+    for k in torch.randperm(len(text_of), generator=gen).tolist():
+        by_text.setdefault(int(text_of[k]), []).append(k)
+    runs = [ks[s:s + 2] for ks in by_text.values() for s in range(0, len(ks), 2)]
+    order = torch.randperm(len(runs), generator=gen).tolist()
+    return torch.tensor([k for r in order for k in runs[r]], dtype=torch.long)
+
+
+def _concept_loss(image_weight: float, smoothing: float):
+    """Multi-positive InfoNCE by concept (same text or same image, both ways), label smoothing,
+    plus an image-image term where two styles of one caption are positives."""
+
+    def loss(img_f, txt_f, scale, image_ids, text_ids):
+        logits = scale * img_f @ txt_f.T
+        pos = ((text_ids[:, None] == text_ids[None, :]) | (image_ids[:, None] == image_ids[None, :])).float()
+        target = pos / pos.sum(1, keepdim=True)
+        if smoothing:
+            target = (1 - smoothing) * target + smoothing / target.shape[1]
+        out = 0.5 * (-(target * F.log_softmax(logits, 1)).sum(1).mean()
+                     - (target.T * F.log_softmax(logits.T, 1)).sum(1).mean())
+        if image_weight:
+            same = (text_ids[:, None] == text_ids[None, :])
+            eye = torch.eye(len(text_ids), dtype=torch.bool)
+            other = same & ~eye
+            rows = other.any(1)
+            if rows.any():
+                ii = (scale * img_f @ img_f.T).masked_fill(eye, -1e4)
+                t = other[rows].float()
+                t = t / t.sum(1, keepdim=True)
+                out = out + image_weight * -(t * F.log_softmax(ii[rows], 1)).sum(1).mean()
+        return out
+
+    return loss
+
+
 @torch.inference_mode()
 def _evaluate(model, tokenizer, preprocess, size: int, pairs_file: Path) -> dict:
     images, texts, links = group(read_pairs(pairs_file))
@@ -78,6 +115,10 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--aug", choices=("old", "default", "none"), default="default")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--order", choices=("random", "concept-pairs"), default="random")
+    parser.add_argument("--loss", choices=("shipped", "concept"), default="shipped")
+    parser.add_argument("--image-loss", type=float, default=0.0, help="weight of the image-image term (--loss concept)")
+    parser.add_argument("--smoothing", type=float, default=0.0, help="label smoothing (--loss concept)")
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
@@ -96,6 +137,10 @@ def main() -> None:
         T._augment = _old_augment
     elif args.aug == "none":
         T._augment = lambda x, gen, *_: x
+    if args.order == "concept-pairs":
+        T._epoch_order = _concept_pairs_order
+    if args.loss == "concept":
+        T._contrastive_loss = _concept_loss(args.image_loss, args.smoothing)
     torch.manual_seed(args.seed)
     model, _, preprocess = open_clip.create_model_and_transforms(T.SMALL, vision_cfg=vision, text_cfg=text)
     tokenizer = open_clip.get_tokenizer(T.SMALL)
