@@ -188,9 +188,10 @@ def _augment(x: torch.Tensor, gen: torch.Generator, mean: list[float], std: list
     bright = _uniform(n, (-BRIGHTNESS, BRIGHTNESS), gen).view(n, 1, 1, 1).to(device)
     x = (x - grey) * contrast + grey + bright
 
-    kernel = torch.tensor([1.0, 2.0, 1.0], device=device)
-    kernel = (kernel[:, None] * kernel[None, :] / 16).expand(3, 1, 3, 3)
-    blurred = F.conv2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), kernel, groups=3)
+    # a 3×3 Gaussian ([1, 2, 1] / 4 each way) as two shifted sums: many times faster than a grouped conv on a CPU
+    padded = F.pad(x, (1, 1, 1, 1), mode="replicate")
+    rows = (padded[:, :, :-2] + 2 * padded[:, :, 1:-1] + padded[:, :, 2:]) / 4
+    blurred = (rows[..., :-2] + 2 * rows[..., 1:-1] + rows[..., 2:]) / 4
     strength = (torch.rand(n, generator=gen) * 2 - 1) * (torch.rand(n, generator=gen) < FILTER_SHARE)
     x = x + strength.view(n, 1, 1, 1).to(device) * (blurred - x)  # > 0 blurs, < 0 sharpens
 
