@@ -39,7 +39,7 @@ def small_model():
     import open_clip
 
     register_model_configs()
-    return open_clip.create_model("mmsearch-small").eval(), open_clip.get_model_config("mmsearch-small")["vision_cfg"]["image_size"]
+    return open_clip.create_model("mmsearch-small").eval(), 48
 
 
 def main() -> None:
@@ -49,8 +49,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(1)  # one indexing lane on 2 cores
     print(machine())
-    small, small_size = small_model()
-    models = {f"mmsearch-small ({small_size} px)": (small, small_size)}
+    models = {"mmsearch-small (48 px)": small_model()}
     vit = load_encoder(f"local-dir:{vit_b32_dir()}", "cpu")
     models["ViT-B-32 (224 px)"] = (vit.model, 224)
     rows = []

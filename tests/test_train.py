@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 from mmsearch.cli import app
 from mmsearch.evaluate import evaluate
 from mmsearch.settings import resolve
-from mmsearch.train import CHECKPOINT, TrainOptions, _augment, accept_reranker, train
+from mmsearch.train import TrainOptions, accept_reranker, train
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220), "yellow": (240, 230, 20)}
 SHAPES = ("square", "circle", "bar", "cross")
@@ -118,59 +118,6 @@ def test_training_resumes_from_its_checkpoint(trained: tuple[Path, dict], shapes
     report = train(opts, progress=False, say=messages.append)
     assert report.resumed_from_epoch == 40
     assert any("resuming" in m for m in messages)
-
-
-def test_checkpoint_of_another_augmentation_is_not_resumed(
-    trained: tuple[Path, dict], shapes_pairs: Path, tiny_model: Path, tmp_path: Path
-) -> None:
-    """A checkpoint written before the augmentation was recorded is trained anew, not resumed."""
-    import shutil
-
-    out = tmp_path / "model"
-    shutil.copytree(trained[0], out)
-    state_file = out / CHECKPOINT / "state.json"
-    state = json.loads(state_file.read_text())
-    del state["augmentation"]
-    state_file.write_text(json.dumps(state))
-    opts = TrainOptions(
-        pairs=shapes_pairs, out=out, base=str(tiny_model), epochs=40, batch_size=16, lr=2e-3,
-        rerank_epochs=1, negatives=7, val_fraction=0.25,
-    )
-    assert train(opts, progress=False, say=lambda _: None).resumed_from_epoch == 0
-
-
-def test_augmentation_keeps_colours() -> None:
-    """Crops, tone, blur and erasing change a picture but never its hues (skin tones, flags)."""
-    import torch
-
-    mean, std = [0.48, 0.46, 0.41], [0.27, 0.26, 0.28]
-    m, s = torch.tensor(mean).view(1, 3, 1, 1), torch.tensor(std).view(1, 3, 1, 1)
-    colours = [(220, 30, 30), (30, 200, 40), (30, 40, 220), (255, 220, 177), (141, 85, 36), (240, 230, 20)]
-    plain = torch.tensor(colours).float().div(255).view(-1, 3, 1, 1).expand(-1, 3, 32, 32).repeat(20, 1, 1, 1)
-    out = _augment((plain - m) / s, torch.Generator().manual_seed(0), mean, std) * s + m
-    assert out.shape == plain.shape
-    assert (out - plain).abs().amax(dim=(1, 2, 3)).min() > 1e-3  # every image was changed
-
-    def chroma(x: torch.Tensor) -> torch.Tensor:  # (r - g, g - b) per pixel: its direction is the hue
-        return torch.stack([x[:, 0] - x[:, 1], x[:, 1] - x[:, 2]], dim=-1)
-
-    before, after = chroma(plain), chroma(out)
-    size = after.norm(dim=-1)
-    coloured = size > 1e-3  # erased pixels are white: no hue at all
-    assert coloured.float().mean() > 0.9
-    cosine = (before * after).sum(-1) / (before.norm(dim=-1) * size).clamp(min=1e-9)
-    assert cosine[coloured].min() > 0.999  # the same hue wherever there is colour
-    saturation = size[coloured] / before.norm(dim=-1)[coloured]
-    assert saturation.min() > 0.5  # and no drift toward grey
-
-
-def test_augmentation_is_seeded() -> None:
-    import torch
-
-    x = torch.randn(4, 3, 32, 32)
-    a = _augment(x, torch.Generator().manual_seed(3), [0.5] * 3, [0.25] * 3)
-    b = _augment(x, torch.Generator().manual_seed(3), [0.5] * 3, [0.25] * 3)
-    assert torch.equal(a, b)
 
 
 def test_reranker_kept_only_if_recall_at_1_does_not_drop() -> None:
