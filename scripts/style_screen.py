@@ -55,8 +55,9 @@ def _uniform(n: int, bounds: tuple[float, float], gen: torch.Generator) -> torch
 def colour_safe_augment(x: torch.Tensor, gen: torch.Generator, mean: list[float], std: list[float]) -> torch.Tensor:
     """Random resized crop with a small rotation, brightness/contrast, blur or sharpen, and erasing, per image.
 
-    What lets a model trained on some drawing styles recognise another
-    artist's drawing of the same thing. Colour-safe: every change treats the
+    Meant to let a model trained on some drawing styles recognise another
+    artist's drawing of the same thing (at 30 epochs it did not: see
+    docs/reranker-experiments.md). Colour-safe: every change treats the
     three channels alike (an equal shift, a scale about the grey level, a
     spatial filter, a white patch, no clipping), so hues survive; skin-tone
     variants and flags differ by colour alone, so hue shifts and grey-scale
