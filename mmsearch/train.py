@@ -202,6 +202,26 @@ def _load_checkpoint(folder: Path, model: Any, opt: torch.optim.Optimizer, expec
 # -- the two stages ----------------------------------------------------------------
 
 
+def _epoch_order(text_of: np.ndarray, gen: torch.Generator) -> torch.Tensor:
+    """The order in which one epoch visits the training pairs (``text_of``: each pair's text)."""
+    return torch.randperm(len(text_of), generator=gen)
+
+
+def _contrastive_loss(
+    img_f: torch.Tensor, txt_f: torch.Tensor, scale: torch.Tensor, image_ids: torch.Tensor, text_ids: torch.Tensor
+) -> torch.Tensor:
+    """Symmetric InfoNCE over a batch of pairs, where pairs sharing a text (or an image) are all right answers."""
+    logits = scale * img_f @ txt_f.T
+    same_text = (text_ids[:, None] == text_ids[None, :]).float()
+    same_image = (image_ids[:, None] == image_ids[None, :]).float()
+    target_i = same_text / same_text.sum(1, keepdim=True)
+    target_t = same_image / same_image.sum(1, keepdim=True)
+    return 0.5 * (
+        -(target_i * F.log_softmax(logits, dim=1)).sum(1).mean()
+        - (target_t * F.log_softmax(logits.T, dim=1)).sum(1).mean()
+    )
+
+
 def _train_dual(
     model: Any, pixels: torch.Tensor, tokens: torch.Tensor, image_of: np.ndarray, text_of: np.ndarray,
     opts: TrainOptions, lr: float, progress: bool, say: Callable[[str], None],
@@ -241,7 +261,7 @@ def _train_dual(
         for epoch in range(start, opts.epochs):
             model.train()
             gen = torch.Generator().manual_seed(opts.seed * 100003 + epoch)
-            perm = torch.randperm(n, generator=gen)
+            perm = _epoch_order(text_of, gen)
             for step in range(steps):
                 idx = perm[step * batch:(step + 1) * batch]
                 imgs = _augment(pixels[image_t[idx]], gen).to(opts.device)
@@ -257,16 +277,7 @@ def _train_dual(
                     img_f = F.normalize(model.encode_image(imgs), dim=-1)
                 txt_f = F.normalize(encode_text_tokens(model, toks), dim=-1)
                 scale = model.logit_scale.exp().clamp(max=100)
-                logits = scale * img_f @ txt_f.T
-                # pairs sharing a text (or an image) are all right answers
-                same_text = (text_t[idx][:, None] == text_t[idx][None, :]).float().to(logits.device)
-                same_image = (image_t[idx][:, None] == image_t[idx][None, :]).float().to(logits.device)
-                target_i = same_text / same_text.sum(1, keepdim=True)
-                target_t = same_image / same_image.sum(1, keepdim=True)
-                loss = 0.5 * (
-                    -(target_i * F.log_softmax(logits, dim=1)).sum(1).mean()
-                    - (target_t * F.log_softmax(logits.T, dim=1)).sum(1).mean()
-                )
+                loss = _contrastive_loss(img_f, txt_f, scale, image_t[idx].to(img_f.device), text_t[idx].to(img_f.device))
                 if caption_loss is not None:
                     loss = loss + CAPTION_LOSS_WEIGHT * caption_loss
                 opt.zero_grad(set_to_none=True)

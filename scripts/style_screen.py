@@ -1,0 +1,230 @@
+"""Screen dual-encoder recipes for cross-style generalisation, without the re-ranker stage.
+
+Trains ``mmsearch-small`` (with the architecture and training overrides given
+on the command line) on one pair file with ``mmsearch.train``'s own loop and
+evaluates the dual encoder alone on another (a style it never saw), both
+directions, R@1/5/10. It is how the recipes in docs/reranker-experiments.md
+were compared cheaply before full ``mmsearch train`` / ``eval`` runs:
+
+    python scripts/style_screen.py /tmp/rr-emoji/without-facebook.jsonl /tmp/rr-emoji/facebook.jsonl \
+        --image-size 64 --patch 16 --aug colour-safe --epochs 30
+
+``--aug shipped`` uses ``mmsearch.train``'s augmentation (zoom 0.8-1.1x and
+shift ±10%); ``--aug colour-safe`` the stronger one tried for issue 14 and not
+shipped (it lowered Facebook recall; docs/reranker-experiments.md). Prints one
+JSON object (options, seconds, recalls). A script, not a library call: it swaps
+``mmsearch.train``'s augmentation for this process only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from mmsearch import train as T
+from mmsearch.encode import register_model_configs
+from mmsearch.evaluate import positive_ranks, recalls
+from mmsearch.pairs import group, read_pairs
+from mmsearch.towers import encode_text_tokens
+
+
+#: The colour-safe augmentation tried for issue 14 (see :func:`colour_safe_augment`).
+CROP_SIDE = (0.7, 1.05)  # side of the random crop, as a share of the image's
+CROP_ASPECT = (3 / 4, 4 / 3)
+ROTATE_DEGREES = 10.0
+BRIGHTNESS = 0.1  # added to all three channels alike, on the 0-1 scale
+CONTRAST = (0.8, 1.2)  # scale about the image's grey level
+FILTER_SHARE = 0.5  # share of images blurred or sharpened (3×3 Gaussian, strength up to 1)
+ERASE_SHARE = 0.25  # share of images with one white rectangle (2-12% of the area)
+ERASE_AREA = (0.02, 0.12)
+
+
+def _uniform(n: int, bounds: tuple[float, float], gen: torch.Generator) -> torch.Tensor:
+    return bounds[0] + (bounds[1] - bounds[0]) * torch.rand(n, generator=gen)
+
+
+def colour_safe_augment(x: torch.Tensor, gen: torch.Generator, mean: list[float], std: list[float]) -> torch.Tensor:
+    """Random resized crop with a small rotation, brightness/contrast, blur or sharpen, and erasing, per image.
+
+    Meant to let a model trained on some drawing styles recognise another
+    artist's drawing of the same thing (at 30 epochs it did not: see
+    docs/reranker-experiments.md). Colour-safe: every change treats the
+    three channels alike (an equal shift, a scale about the grey level, a
+    spatial filter, a white patch, no clipping), so hues survive; skin-tone
+    variants and flags differ by colour alone, so hue shifts and grey-scale
+    are left out. ``x`` is normalised with ``mean``/``std``; so is the result.
+    No horizontal flips either: left and right arrows are different things.
+    """
+    n, _, h, w = x.shape
+    device = x.device
+    side = _uniform(n, CROP_SIDE, gen)
+    aspect = torch.exp(_uniform(n, (math.log(CROP_ASPECT[0]), math.log(CROP_ASPECT[1])), gen))
+    sx, sy = side * aspect.sqrt(), side / aspect.sqrt()
+    # the crop's centre lies anywhere that keeps it inside the picture, plus a little slack
+    tx = (torch.rand(n, generator=gen) * 2 - 1) * ((1 - sx).clamp(min=0) + 0.05)
+    ty = (torch.rand(n, generator=gen) * 2 - 1) * ((1 - sy).clamp(min=0) + 0.05)
+    angle = (torch.rand(n, generator=gen) * 2 - 1) * math.radians(ROTATE_DEGREES)
+    cos, sin = angle.cos(), angle.sin()
+    theta = torch.stack([
+        torch.stack([sx * cos, -sy * sin, tx], dim=1),
+        torch.stack([sx * sin, sy * cos, ty], dim=1),
+    ], dim=1)
+    grid = F.affine_grid(theta.to(device), list(x.shape), align_corners=False)
+    x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+    m = torch.tensor(mean, device=device).view(1, 3, 1, 1)
+    s = torch.tensor(std, device=device).view(1, 3, 1, 1)
+    x = x * s + m  # the 0-1 scale, where "alike for all channels" means hue-preserving
+    grey = x.mean(dim=(1, 2, 3), keepdim=True)
+    contrast = _uniform(n, CONTRAST, gen).view(n, 1, 1, 1).to(device)
+    bright = _uniform(n, (-BRIGHTNESS, BRIGHTNESS), gen).view(n, 1, 1, 1).to(device)
+    x = (x - grey) * contrast + grey + bright
+
+    # a 3×3 Gaussian ([1, 2, 1] / 4 each way) as two shifted sums: many times faster than a grouped conv on a CPU
+    padded = F.pad(x, (1, 1, 1, 1), mode="replicate")
+    rows = (padded[:, :, :-2] + 2 * padded[:, :, 1:-1] + padded[:, :, 2:]) / 4
+    blurred = (rows[..., :-2] + 2 * rows[..., 1:-1] + rows[..., 2:]) / 4
+    strength = (torch.rand(n, generator=gen) * 2 - 1) * (torch.rand(n, generator=gen) < FILTER_SHARE)
+    x = x + strength.view(n, 1, 1, 1).to(device) * (blurred - x)  # > 0 blurs, < 0 sharpens
+
+    area = _uniform(n, ERASE_AREA, gen) * h * w
+    ratio = torch.exp(_uniform(n, (math.log(0.5), math.log(2.0)), gen))
+    eh, ew = (area * ratio).sqrt().clamp(max=h), (area / ratio).sqrt().clamp(max=w)
+    y0, x0 = torch.rand(n, generator=gen) * (h - eh), torch.rand(n, generator=gen) * (w - ew)
+    erase = torch.rand(n, generator=gen) < ERASE_SHARE
+    ys = torch.arange(h).view(1, h, 1)
+    xs = torch.arange(w).view(1, 1, w)
+    box = ((ys >= y0.view(n, 1, 1)) & (ys < (y0 + eh).view(n, 1, 1))
+           & (xs >= x0.view(n, 1, 1)) & (xs < (x0 + ew).view(n, 1, 1)) & erase.view(n, 1, 1))
+    x = torch.where(box.unsqueeze(1).to(device), torch.ones((), device=device), x)
+    return (x - m) / s
+
+
+def _concept_pairs_order(text_of: np.ndarray, gen: torch.Generator) -> torch.Tensor:
+    """Pairs in runs of two of one concept (two styles of one caption side by side), runs shuffled."""
+    by_text: dict[int, list[int]] = {}
+    for k in torch.randperm(len(text_of), generator=gen).tolist():
+        by_text.setdefault(int(text_of[k]), []).append(k)
+    runs = [ks[s:s + 2] for ks in by_text.values() for s in range(0, len(ks), 2)]
+    order = torch.randperm(len(runs), generator=gen).tolist()
+    return torch.tensor([k for r in order for k in runs[r]], dtype=torch.long)
+
+
+def _concept_loss(image_weight: float, smoothing: float):
+    """Multi-positive InfoNCE by concept (same text or same image, both ways), label smoothing,
+    plus an image-image term where two styles of one caption are positives."""
+
+    def loss(img_f, txt_f, scale, image_ids, text_ids):
+        logits = scale * img_f @ txt_f.T
+        pos = ((text_ids[:, None] == text_ids[None, :]) | (image_ids[:, None] == image_ids[None, :])).float()
+        target = pos / pos.sum(1, keepdim=True)
+        if smoothing:
+            target = (1 - smoothing) * target + smoothing / target.shape[1]
+        out = 0.5 * (-(target * F.log_softmax(logits, 1)).sum(1).mean()
+                     - (target.T * F.log_softmax(logits.T, 1)).sum(1).mean())
+        if image_weight:
+            same = (text_ids[:, None] == text_ids[None, :])
+            eye = torch.eye(len(text_ids), dtype=torch.bool)
+            other = same & ~eye
+            rows = other.any(1)
+            if rows.any():
+                ii = (scale * img_f @ img_f.T).masked_fill(eye, -1e4)
+                t = other[rows].float()
+                t = t / t.sum(1, keepdim=True)
+                out = out + image_weight * -(t * F.log_softmax(ii[rows], 1)).sum(1).mean()
+        return out
+
+    return loss
+
+
+@torch.inference_mode()
+def _evaluate(model, tokenizer, preprocess, size: int, pairs_file: Path) -> dict:
+    images, texts, links = group(read_pairs(pairs_file))
+    pixels = T._load_pixels(images, preprocess, size)
+    img = torch.cat([F.normalize(model.encode_image(pixels[s:s + 256]), dim=-1) for s in range(0, len(pixels), 256)])
+    txt = torch.cat([F.normalize(encode_text_tokens(model, tokenizer(texts[s:s + 256])), dim=-1)
+                     for s in range(0, len(texts), 256)])
+    pos = T._positives(images, texts, links)
+    sims = (txt @ img.T).numpy()
+    return {
+        "text_to_image": recalls(positive_ranks(sims, pos)[pos.any(axis=1)]),
+        "image_to_text": recalls(positive_ranks(np.ascontiguousarray(sims.T), np.ascontiguousarray(pos.T))),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("train_pairs", type=Path)
+    parser.add_argument("test_pairs", type=Path)
+    parser.add_argument("--image-size", type=int, default=None)
+    parser.add_argument("--patch", type=int, default=None)
+    parser.add_argument("--layers", type=int, default=None, help="vision layers")
+    parser.add_argument("--width", type=int, default=None, help="vision width")
+    parser.add_argument("--text-layers", type=int, default=None)
+    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--aug", choices=("shipped", "colour-safe", "none"), default="shipped")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--order", choices=("random", "concept-pairs"), default="random")
+    parser.add_argument("--loss", choices=("shipped", "concept"), default="shipped")
+    parser.add_argument("--image-loss", type=float, default=0.0, help="weight of the image-image term (--loss concept)")
+    parser.add_argument("--smoothing", type=float, default=0.0, help="label smoothing (--loss concept)")
+    args = parser.parse_args()
+
+    torch.set_num_threads(args.threads)
+    register_model_configs()
+    import open_clip
+
+    cfg = open_clip.get_model_config(T.SMALL)
+    vision, text = dict(cfg["vision_cfg"]), dict(cfg["text_cfg"])
+    for key, value in (("image_size", args.image_size), ("patch_size", args.patch), ("layers", args.layers),
+                       ("width", args.width)):
+        if value is not None:
+            vision[key] = value
+    if args.text_layers is not None:
+        text["layers"] = args.text_layers
+    if args.aug == "none":
+        T._augment = lambda x, gen: x
+    if args.order == "concept-pairs":
+        T._epoch_order = _concept_pairs_order
+    if args.loss == "concept":
+        T._contrastive_loss = _concept_loss(args.image_loss, args.smoothing)
+    torch.manual_seed(args.seed)
+    model, _, preprocess = open_clip.create_model_and_transforms(T.SMALL, vision_cfg=vision, text_cfg=text)
+    tokenizer = open_clip.get_tokenizer(T.SMALL)
+    size = vision["image_size"]
+    if args.aug == "colour-safe":
+        mean, std = list(model.visual.preprocess_cfg["mean"]), list(model.visual.preprocess_cfg["std"])
+        T._augment = lambda x, gen: colour_safe_augment(x, gen, mean, std)
+
+    started = time.perf_counter()
+    train_pairs, _ = T._split(read_pairs(args.train_pairs), 0.1, args.seed)
+    images, texts, links = group(train_pairs)
+    pixels = T._load_pixels(images, preprocess, size)
+    tokens = tokenizer(texts)
+    image_of = np.array([i for i, _ in links], dtype=np.int64)
+    text_of = np.array([j for _, j in links], dtype=np.int64)
+    with tempfile.TemporaryDirectory(prefix="mmsearch-screen-") as tmp:
+        opts = T.TrainOptions(pairs=args.train_pairs, out=Path(tmp), epochs=args.epochs, batch_size=args.batch,
+                              lr=args.lr, seed=args.seed)
+        T._train_dual(model, pixels, tokens, image_of, text_of, opts, args.lr, False, lambda m: None)
+    trained = time.perf_counter() - started
+    result = _evaluate(model, tokenizer, preprocess, size, args.test_pairs)
+    print(json.dumps({"options": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+                      "train_seconds": round(trained, 1), **result}))
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()
