@@ -131,20 +131,16 @@ class Decoder:
 class EncodeActor:
     """A Ray Data callable class: the model, loaded once per actor, embeds each batch of pixels.
 
-    The actor is a worker process of its own, so it sets its own share of
-    the cores (``threads``) once, as a front end does at start-up. With
+    Its share of the cores comes from its worker's environment, which Ray
+    sets when it starts the process (see :func:`steps`). With
     ``tokens`` (their shape: tokens, dim) it also returns each image's token
     states for the re-ranker, zeros for a file it did not encode.
     """
 
     def __init__(self, spec: Any, device: str, int8: bool, to_batch: Callable[[Sequence[Any]], Any],
-                 tokens: tuple[int, int] | None = None, threads: int = 0):
+                 tokens: tuple[int, int] | None = None):
         from mmsearch.encode import load_encoder
 
-        if threads:
-            from mmsearch.runtime import set_torch_threads
-
-            set_torch_threads(threads)
         self.encoder = load_encoder(spec, device, int8=int8)
         self.to_batch, self.tokens = to_batch, tokens
 
@@ -236,7 +232,7 @@ def steps(
                         batch_format="numpy", num_cpus=pool.decode_cpus)
     ds = ds.map_batches(
         encoder_cls or EncodeActor,
-        fn_constructor_args=(spec, device if pool.gpus else "cpu", int8, to_batch, tokens, pool.threads),
+        fn_constructor_args=(spec, device if pool.gpus else "cpu", int8, to_batch, tokens),
         batch_size=batch,
         batch_format="numpy",
         # a CPU actor takes its next batch when it is free, so none waits while
@@ -244,6 +240,8 @@ def steps(
         compute=ray.data.ActorPoolStrategy(size=pool.actors, max_tasks_in_flight_per_actor=None if pool.gpus else 1),
         num_gpus=1 if pool.gpus else 0,
         num_cpus=pool.actor_cpus,
+        # torch takes its threads from the environment its worker process starts with
+        **({"runtime_env": {"env_vars": {"OMP_NUM_THREADS": str(pool.threads)}}} if pool.threads else {}),
         max_restarts=RETRIES,
         max_task_retries=RETRIES,
     )
