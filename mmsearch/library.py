@@ -282,16 +282,22 @@ class Library:
         progress: Progress | None = None,
         on_skip: Callable[[str, str], None] | None = None,
         on_lanes: Callable[[int], None] | None = None,
+        ray: bool = False,
     ) -> "IndexReport":
         """Index every image under ``paths`` (folders or files); searches may run meanwhile.
 
         ``on_lanes(n)``: called before ``n`` CPU lanes start encoding, for a front
         end that shares the cores between them (:func:`mmsearch.runtime.threads_for_lanes`).
+        ``ray``: decode and encode on the Ray cluster this process is connected to
+        (``ray.init``, or :func:`mmsearch.raypipe.connected`); the files must be at
+        the same path on every node. Planning and the catalog writes stay here.
         """
         from mmsearch.indexer import index_paths
 
-        self.encoder()
-        return index_paths(self._home, paths, progress=progress or False, on_skip=on_skip, on_lanes=on_lanes)
+        if not ray:
+            self.encoder()  # loaded here to answer searches; a Ray run encodes in the actors
+        return index_paths(self._home, paths, progress=progress or False, on_skip=on_skip, on_lanes=on_lanes,
+                           ray=ray)
 
     def add_texts(
         self,

@@ -222,7 +222,8 @@ def main() -> None:
     parser.add_argument("test_pairs", type=Path)
     parser.add_argument("--image-size", type=int, default=None)
     parser.add_argument("--patch", type=int, default=None)
-    parser.add_argument("--layers", type=int, default=None, help="vision layers")
+    parser.add_argument("--layers", type=lambda v: [int(x) for x in v.split(",")] if "," in v else int(v),
+                        default=None, help="vision layers: N (a ViT) or N,N,N,N (open_clip's ModifiedResNet stages)")
     parser.add_argument("--width", type=int, default=None, help="vision width")
     parser.add_argument("--text-layers", type=int, default=None)
     parser.add_argument("--epochs", type=int, default=10)

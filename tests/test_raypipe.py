@@ -12,6 +12,7 @@ import pytest
 from mmsearch.errors import SharedMountError
 from mmsearch.home import Home
 from mmsearch.indexer import index_paths
+from mmsearch.library import Library
 from mmsearch.settings import resolve
 
 ray = pytest.importorskip("ray", reason="Ray is not installed (pip install 'mmsearch[ray]')") \
@@ -61,9 +62,13 @@ def test_ray_run_gives_the_catalog_and_results_of_a_plain_run(cluster, photo_dir
     for name in catalogs["plain"]:
         np.testing.assert_allclose(catalogs["ray"][name], catalogs["plain"][name], atol=2e-3)
     assert hits["ray"] == hits["plain"]
-    with _home(tmp_path / "ray", tiny_model) as h:  # a second run finds everything unchanged
-        again = index_paths(h, [photo_dir], progress=False, ray=True)
-        assert (again.added, again.unchanged) == (0, 6)
+    (photo_dir / "broken.jpg").unlink()
+    (photo_dir / "red.jpg").rename(photo_dir / "renamed.jpg")
+    with Library(_home(tmp_path / "ray", tiny_model)) as lib:  # the library's call, the same pipeline
+        again = lib.add_images([photo_dir], ray=True)
+        assert (again.added, again.reused, again.unchanged, again.removed) == (1, 1, 5, 1)  # a rename
+        names = {Path(p).name for p in lib.home.catalog.image_states()}
+        assert len(names) == 6 and "renamed.jpg" in names and "red.jpg" not in names
 
 
 class DyingActor(raypipe.EncodeActor):
