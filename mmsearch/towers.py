@@ -44,10 +44,14 @@ def image_token_states(model: Any, pixels: torch.Tensor) -> tuple[torch.Tensor, 
     as :class:`open_clip.CoCa` hands them to its decoder.
     """
     visual = model.visual
+    if is_modified_resnet(visual):
+        return _resnet_token_states(visual, pixels)
     pieces = ("_embeds", "_pool", "transformer")
     coca = is_coca(model)
     if not all(hasattr(visual, name) for name in pieces) or (getattr(visual, "attn_pool", None) is not None and not coca):
-        raise RerankerUnavailableError("re-ranking needs a plain ViT image tower (open_clip VisionTransformer) or a CoCa model")
+        raise RerankerUnavailableError(
+            "re-ranking needs a plain ViT or ResNet image tower (open_clip VisionTransformer, ModifiedResNet) "
+            "or a CoCa model")
     x = visual._embeds(pixels)
     x = visual.transformer(x)
     pooled, tokens = visual._pool(x)
@@ -56,6 +60,27 @@ def image_token_states(model: Any, pixels: torch.Tensor) -> tuple[torch.Tensor, 
         if not coca:
             tokens = tokens @ visual.proj
     return pooled, tokens
+
+
+def is_modified_resnet(visual: Any) -> bool:
+    """Whether an image tower is open_clip's ModifiedResNet (RN50... and ``mmsearch-small``)."""
+    return all(hasattr(visual, name) for name in ("stem", "layer4", "attnpool"))
+
+
+def _resnet_token_states(visual: Any, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A ModifiedResNet's pooled embedding and one token per cell of its last feature map.
+
+    A cell's token is its value in the attention pool, projected as the pool
+    projects its output (``c_proj(v_proj(cell + position))``): the pooled
+    embedding is, head by head, an attention-weighted mix of these (up to the
+    bias), so they live in the shared space as a ViT's projected patches do.
+    """
+    x = visual.stem(pixels)
+    x = visual.layer4(visual.layer3(visual.layer2(visual.layer1(x))))
+    pool = visual.attnpool
+    pooled = pool(x)
+    cells = x.flatten(2).transpose(1, 2) + pool.positional_embedding[1:].to(x.dtype)
+    return pooled, pool.c_proj(pool.v_proj(cells))
 
 
 # -- the text tower ------------------------------------------------------------------

@@ -32,7 +32,53 @@ def test_untrained_scorer_correction_is_exactly_zero() -> None:
     assert torch.equal(out, torch.zeros(5))
 
 
-def test_untrained_reranker_keeps_dual_encoder_ranking(untrained_rerank_model: Path, photo_dir: Path, home: Path, tmp_path: Path) -> None:
+#: A tiny open_clip ModifiedResNet CLIP: its last feature map is 2×2 cells, the re-ranker's 4 image tokens.
+TINY_RESNET_CFG = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 64, "layers": [1, 1, 1, 1], "width": 8, "head_width": 16},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+}
+
+
+@pytest.fixture(scope="module")
+def untrained_rerank_resnet(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from conftest import TINY_PREPROCESS, save_tiny_model
+
+    folder = save_tiny_model(tmp_path_factory.mktemp("models") / "tiny-resnet-rerank", cfg=TINY_RESNET_CFG)
+    config = json.loads((folder / "open_clip_config.json").read_text())
+    config["preprocess_cfg"] = {**TINY_PREPROCESS, "size": 64}
+    (folder / "open_clip_config.json").write_text(json.dumps(config))
+    torch.manual_seed(3)
+    save_scorer(CrossAttentionScorer(32), folder)
+    return folder
+
+
+def test_resnet_tokens_are_its_attention_pools_values() -> None:
+    import open_clip
+
+    from mmsearch.towers import image_token_states
+
+    torch.manual_seed(0)
+    model = open_clip.CLIP(**TINY_RESNET_CFG).eval()
+    pixels = torch.randn(3, 3, 64, 64)
+    with torch.no_grad():
+        pooled, tokens = image_token_states(model, pixels)
+        assert tokens.shape == (3, 4, 32)
+        torch.testing.assert_close(pooled, model.encode_image(pixels))
+        # with every cell alike and no positions, attention has nothing to choose: each token is the pooled output
+        pool = model.visual.attnpool
+        pool.positional_embedding.zero_()
+        model.visual.layer4.register_forward_hook(lambda m, i, out: out.mean((2, 3), keepdim=True).expand_as(out))
+        pooled, tokens = image_token_states(model, pixels)
+        for cell in range(4):
+            torch.testing.assert_close(tokens[:, cell], pooled)
+
+
+@pytest.mark.parametrize("tower", ["vit", "resnet"])
+def test_untrained_reranker_keeps_dual_encoder_ranking(tower: str, request: pytest.FixtureRequest, photo_dir: Path,
+                                                       home: Path, tmp_path: Path) -> None:
+    untrained_rerank_model = request.getfixturevalue(
+        "untrained_rerank_model" if tower == "vit" else "untrained_rerank_resnet")
     assert run(home, untrained_rerank_model, "index", str(photo_dir), "--quiet").exit_code == 0
     corpus = tmp_path / "texts.txt"
     corpus.write_text("a red picture\na green picture\na blue picture\nsomething yellow\nblack\nwhite\n")
