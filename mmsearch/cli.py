@@ -595,9 +595,15 @@ def train(
         "small", "--base", metavar="SPEC",
         help="Start from this model spec, or 'small': the shipped small architecture, trained from scratch.",
     ),
-    epochs: int = typer.Option(
-        30, "--epochs", metavar="N",
-        help="Dual-encoder epochs (0 with --base: keep its encoder, fit only the re-ranker, e.g. a CoCa's fusion).",
+    epochs: Optional[int] = typer.Option(
+        None, "--epochs", metavar="N",
+        help="Dual-encoder epochs; default 20 from scratch, 30 with --base "
+             "(0 with --base: keep its encoder, fit only the re-ranker, e.g. a CoCa's fusion).",
+    ),
+    augment: Optional[str] = typer.Option(
+        None, "--augment", metavar="KIND",
+        help="Image augmentation: style (zoom, shift and a random drawing style: outlines, shading, flat fills, "
+             "saturation; the default from scratch) or shift (zoom and shift only; the default with --base).",
     ),
     rerank_epochs: int = typer.Option(2, "--rerank-epochs", metavar="N", help="Re-ranker epochs."),
     batch: int = typer.Option(128, "--train-batch", metavar="N", help="Pairs per contrastive batch."),
@@ -620,7 +626,7 @@ def train(
     if base != "small":
         prepare_model_access(parse(base))
     opts = TrainOptions(
-        pairs=pairs, out=out, base=base, epochs=epochs, batch_size=batch, lr=lr, seed=seed,
+        pairs=pairs, out=out, base=base, epochs=epochs, augment=augment, batch_size=batch, lr=lr, seed=seed,
         val_fraction=val_fraction, rerank_epochs=rerank_epochs, device=resolve_device(settings.device),
     )
     report = run_train(opts, progress=not quiet, say=warn)

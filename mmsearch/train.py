@@ -2,9 +2,11 @@
 
 1. A seeded part of the pairs is held out for validation.
 2. The dual encoder is trained contrastively (symmetric InfoNCE with the
-   model's learnable temperature), from ``--base`` (any model spec) or from
-   scratch with the shipped ``small`` architecture. A checkpoint is written
-   after every epoch, so an interrupted run resumes where it stopped.
+   model's learnable temperature, plus an image-image term for images that
+   share a caption), from ``--base`` (any model spec) or from scratch with
+   the shipped ``small`` architecture (a small open_clip ResNet image tower).
+   A checkpoint is written after every epoch, so an interrupted run resumes
+   where it stopped.
 3. The frozen dual encoder mines hard negatives (its own top candidates, what
    the re-ranker will see at query time) and the re-ranker learns to correct
    its scores on them.
@@ -26,7 +28,7 @@ import json
 import math
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -41,6 +43,9 @@ from mmsearch.rerank import DIRECTIONS, CaptionReranker, CrossAttentionScorer, s
 from mmsearch.towers import caption_log_likelihood, coca_text_states, encode_text_tokens, image_token_states, is_coca
 
 SMALL = "mmsearch-small"
+#: Default dual-encoder epochs: from scratch (``--base small``), and fine-tuning a pretrained base.
+SMALL_EPOCHS = 20
+BASE_EPOCHS = 30
 #: Candidate weights of the CoCa fusion (log-likelihood against logit_scale × cosine).
 CAPTION_WEIGHTS = (0.0, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0)
 #: CoCa's own balance of its captioning loss against the contrastive one.
@@ -54,7 +59,8 @@ class TrainOptions:
     pairs: Path
     out: Path
     base: str = "small"
-    epochs: int = 30
+    epochs: int | None = None  # default: SMALL_EPOCHS from scratch, BASE_EPOCHS from a pretrained base
+    augment: str | None = None  # one of AUGMENTS; default: style from scratch, shift from a pretrained base
     batch_size: int = 128
     lr: float | None = None  # default: 1e-3 from scratch, 1e-5 from a pretrained base
     seed: int = 0
@@ -147,6 +153,62 @@ def _augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     return F.grid_sample(x, grid, padding_mode="border", align_corners=False)
 
 
+#: ``--augment style``: the share of images given dark outlines (1 px; 2 px for a third of those).
+OUTLINE_SHARE = 0.3
+#: ... shaded by a linear ramp across the picture, of this half-height (a factor about 1).
+SHADE_SHARE, SHADE = 0.3, 0.25
+#: ... blurred (3×3) and posterised into flat fills of 3-6 levels per channel.
+FLATTEN_SHARE, LEVELS = 0.3, (3, 6)
+#: The range of the scale of each pixel's distance from its own grey (saturation).
+SATURATION = (0.6, 1.4)
+#: ``--augment`` values: style (zoom, shift and a random drawing style) or shift (zoom and shift only).
+AUGMENTS = ("style", "shift")
+
+
+def _restyle(x: torch.Tensor, gen: torch.Generator, mean: list[float], std: list[float]) -> torch.Tensor:
+    """A random change of drawing style per image (``x`` normalised with ``mean``/``std``; so is the result).
+
+    Drawings of one thing by different artists differ in line and fill more
+    than in what they show: thick dark outlines round flat fills, gradient
+    shading, or flat colour without outlines. Each image independently may get
+    a saturation change, flat fills (3×3 blur, then 3-6 levels per channel), a
+    linear shading ramp and dark outlines (1 px where the grey level steps down,
+    or 2 px across the step). Hues are kept (skin tones and flags differ by
+    colour alone); no flips (left and right arrows are different things).
+    """
+    n, _, h, w = x.shape
+    m = torch.tensor(mean, device=x.device).view(1, 3, 1, 1)
+    s = torch.tensor(std, device=x.device).view(1, 3, 1, 1)
+    x = x * s + m
+
+    def uniform(bounds: tuple[float, float]) -> torch.Tensor:
+        return (bounds[0] + (bounds[1] - bounds[0]) * torch.rand(n, generator=gen)).view(n, 1, 1, 1).to(x.device)
+
+    def pick(share: float) -> torch.Tensor:
+        return (torch.rand(n, generator=gen) < share).view(n, 1, 1, 1).to(x.device)
+
+    grey = x.mean(dim=1, keepdim=True)
+    x = (x - grey) * uniform(SATURATION) + grey
+
+    blurred = F.avg_pool2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), 3, stride=1)
+    levels = torch.randint(LEVELS[0], LEVELS[1] + 1, (n,), generator=gen).view(n, 1, 1, 1).to(x) - 1
+    x = torch.where(pick(FLATTEN_SHARE), torch.round(blurred.clamp(0, 1) * levels) / levels, x)
+
+    angle = (torch.rand(n, generator=gen) * 2 * math.pi).to(x.device)
+    ys = torch.linspace(-1, 1, h, device=x.device).view(1, h, 1)
+    xs = torch.linspace(-1, 1, w, device=x.device).view(1, 1, w)
+    ramp = 1 + SHADE * (angle.cos().view(n, 1, 1) * xs + angle.sin().view(n, 1, 1) * ys)
+    x = torch.where(pick(SHADE_SHARE), x * ramp.unsqueeze(1), x)
+
+    grey = x.mean(dim=1, keepdim=True)
+    low = -F.max_pool2d(-grey, 3, 1, 1)  # the darkest neighbour
+    thin = grey - low > 0.3  # 1 px on the bright side of an edge: outside a shape drawn on white
+    thick = F.max_pool2d(grey, 3, 1, 1) - low > 0.3  # both sides of it: 2 px
+    line = torch.where(pick(1 / 3), thick, thin)
+    x = torch.where(pick(OUTLINE_SHARE) & line, torch.full_like(x, 0.1), x)
+    return (x - m) / s
+
+
 def _split(pairs: list[Pair], fraction: float, seed: int) -> tuple[list[Pair], list[Pair]]:
     """Hold out a seeded share of the *texts* (with all their pairs) for validation."""
     texts = sorted({p.text for p in pairs})
@@ -203,23 +265,48 @@ def _load_checkpoint(folder: Path, model: Any, opt: torch.optim.Optimizer, expec
 
 
 def _epoch_order(text_of: np.ndarray, gen: torch.Generator) -> torch.Tensor:
-    """The order in which one epoch visits the training pairs (``text_of``: each pair's text)."""
-    return torch.randperm(len(text_of), generator=gen)
+    """The order in which one epoch visits the training pairs (``text_of``: each pair's text).
+
+    Pairs come in runs of two that share a text (two drawings of one caption,
+    side by side in a batch, for the image-image term of the loss), runs
+    shuffled; a text with one image makes a run of one.
+    """
+    by_text: dict[int, list[int]] = {}
+    for k in torch.randperm(len(text_of), generator=gen).tolist():
+        by_text.setdefault(int(text_of[k]), []).append(k)
+    runs = [ks[s:s + 2] for ks in by_text.values() for s in range(0, len(ks), 2)]
+    return torch.tensor([k for r in torch.randperm(len(runs), generator=gen).tolist() for k in runs[r]],
+                        dtype=torch.long)
+
+
+#: Weight of the image-image term: two images of one text in a batch are each other's right answer.
+IMAGE_LOSS_WEIGHT = 1.0
 
 
 def _contrastive_loss(
     img_f: torch.Tensor, txt_f: torch.Tensor, scale: torch.Tensor, image_ids: torch.Tensor, text_ids: torch.Tensor
 ) -> torch.Tensor:
-    """Symmetric InfoNCE over a batch of pairs, where pairs sharing a text (or an image) are all right answers."""
+    """Symmetric InfoNCE over a batch of pairs, plus an image-image term.
+
+    Pairs that share a text or an image are all right answers, both ways. The
+    image-image term asks each image to pick out the batch's other images of its
+    text (another artist's drawing of the same thing) from the rest, so that
+    the image tower learns what stays the same across drawing styles.
+    """
     logits = scale * img_f @ txt_f.T
-    same_text = (text_ids[:, None] == text_ids[None, :]).float()
-    same_image = (image_ids[:, None] == image_ids[None, :]).float()
-    target_i = same_text / same_text.sum(1, keepdim=True)
-    target_t = same_image / same_image.sum(1, keepdim=True)
-    return 0.5 * (
-        -(target_i * F.log_softmax(logits, dim=1)).sum(1).mean()
-        - (target_t * F.log_softmax(logits.T, dim=1)).sum(1).mean()
-    )
+    same_text = text_ids[:, None] == text_ids[None, :]
+    right = (same_text | (image_ids[:, None] == image_ids[None, :])).float()
+    target = right / right.sum(1, keepdim=True)  # ``right`` is symmetric: one target for both directions
+    loss = 0.5 * (-(target * F.log_softmax(logits, dim=1)).sum(1).mean()
+                  - (target * F.log_softmax(logits.T, dim=1)).sum(1).mean())
+    eye = torch.eye(len(text_ids), dtype=torch.bool, device=img_f.device)
+    others = same_text & ~eye & (image_ids[:, None] != image_ids[None, :])
+    rows = others.any(1)
+    if rows.any():
+        ii = (scale * img_f @ img_f.T).masked_fill(eye, -1e4)[rows]
+        t = others[rows].float()
+        loss = loss + IMAGE_LOSS_WEIGHT * -(t / t.sum(1, keepdim=True) * F.log_softmax(ii, dim=1)).sum(1).mean()
+    return loss
 
 
 def _train_dual(
@@ -229,6 +316,8 @@ def _train_dual(
     from tqdm import tqdm
 
     coca = is_coca(model)
+    cfg = model.visual.preprocess_cfg
+    restyle = (list(cfg["mean"]), list(cfg["std"])) if opts.augment == "style" else None
     n = len(image_of)
     batch = min(opts.batch_size, n)
     steps = max(1, n // batch)
@@ -244,7 +333,7 @@ def _train_dual(
         opt, lambda s: (s + 1) / warmup if s < warmup else 0.5 * (1 + math.cos(math.pi * (s - warmup) / max(1, total - warmup)))
     )
     expect = {"pairs": str(opts.pairs.resolve()), "base": opts.base, "seed": opts.seed, "epochs": opts.epochs,
-              "batch_size": batch, "lr": lr, "val_fraction": opts.val_fraction}
+              "batch_size": batch, "lr": lr, "val_fraction": opts.val_fraction, "augment": opts.augment}
     ckpt = opts.out / CHECKPOINT
     start = _load_checkpoint(ckpt, model, opt, expect)
     if start:
@@ -264,7 +353,10 @@ def _train_dual(
             perm = _epoch_order(text_of, gen)
             for step in range(steps):
                 idx = perm[step * batch:(step + 1) * batch]
-                imgs = _augment(pixels[image_t[idx]], gen).to(opts.device)
+                imgs = _augment(pixels[image_t[idx]], gen)
+                if restyle is not None:
+                    imgs = _restyle(imgs, gen, *restyle)
+                imgs = imgs.to(opts.device)
                 toks = tokens[text_t[idx]].to(opts.device)
                 caption_loss = None
                 if coca:  # one image pass for the contrastive vector and the decoder's tokens
@@ -500,6 +592,11 @@ def train(opts: TrainOptions, *, progress: bool = True, say: Callable[[str], Non
     from safetensors.torch import save_file
 
     started = time.perf_counter()
+    scratch = opts.base == "small"
+    opts = replace(opts, epochs=opts.epochs if opts.epochs is not None else SMALL_EPOCHS if scratch else BASE_EPOCHS,
+                   augment=opts.augment or ("style" if scratch else "shift"))
+    if opts.augment not in AUGMENTS:
+        raise UsageError(f"--augment must be one of {', '.join(AUGMENTS)}, got {opts.augment!r}")
     if opts.epochs < 0 or (opts.epochs == 0 and opts.base == "small") or opts.rerank_epochs < 0:
         raise UsageError("--epochs must be at least 1 (0 only with a --base, to fit its re-ranker alone)")
     if opts.batch_size < 2:

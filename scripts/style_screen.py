@@ -109,71 +109,6 @@ def colour_safe_augment(x: torch.Tensor, gen: torch.Generator, mean: list[float]
     return (x - m) / s
 
 
-_SHIPPED_AUGMENT = T._augment
-
-#: The style randomisation screened for issue 14 (see :func:`style_augment`).
-OUTLINE_SHARE = 0.3  # share of images given dark outlines, 1 px (2 px for a third of them)
-SHADE_SHARE = 0.3  # share shaded by a linear ramp across the picture
-SHADE = 0.25  # the ramp's half-height, as a factor about 1
-FLATTEN_SHARE = 0.3  # share blurred and posterised into flat fills
-LEVELS = (3, 6)  # posterisation levels per channel
-SATURATION = (0.6, 1.4)  # scale of each pixel's distance from its own grey
-
-
-def style_augment(x: torch.Tensor, gen: torch.Generator, mean: list[float], std: list[float]) -> torch.Tensor:
-    """The shipped zoom and shift, then a random change of drawing style per image.
-
-    Emoji styles differ in line and fill more than in what they show: OpenMoji
-    draws black outlines around flat fills, Facebook and Fluent modern shade
-    with gradients, Twemoji and Fluent flat are flat without outlines. Each
-    image independently may get dark outlines (1 px where the grey level steps
-    down, or 2 px across the step), a linear shading ramp, flat fills (3×3
-    blur, then 3-6 levels per channel) and a saturation change. Hues are kept
-    (skin tones and flags differ by colour alone); no flips.
-    """
-    x = _SHIPPED_AUGMENT(x, gen)
-    n = x.shape[0]
-    m = torch.tensor(mean).view(1, 3, 1, 1)
-    s = torch.tensor(std).view(1, 3, 1, 1)
-    x = x * s + m
-
-    def pick(share: float) -> torch.Tensor:
-        return (torch.rand(n, generator=gen) < share).view(n, 1, 1, 1)
-
-    grey = x.mean(dim=1, keepdim=True)
-    x = (x - grey) * _uniform(n, SATURATION, gen).view(n, 1, 1, 1) + grey
-
-    blurred = F.avg_pool2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), 3, stride=1)
-    levels = torch.randint(LEVELS[0], LEVELS[1] + 1, (n,), generator=gen).view(n, 1, 1, 1).float() - 1
-    flat = torch.round(blurred.clamp(0, 1) * levels) / levels
-    x = torch.where(pick(FLATTEN_SHARE), flat, x)
-
-    h, w = x.shape[-2:]
-    angle = torch.rand(n, generator=gen) * 2 * math.pi
-    ys = torch.linspace(-1, 1, h).view(1, h, 1)
-    xs = torch.linspace(-1, 1, w).view(1, 1, w)
-    ramp = 1 + SHADE * (angle.cos().view(n, 1, 1) * xs + angle.sin().view(n, 1, 1) * ys)
-    x = torch.where(pick(SHADE_SHARE), x * ramp.unsqueeze(1), x)
-
-    grey = x.mean(dim=1, keepdim=True)
-    low = -F.max_pool2d(-grey, 3, 1, 1)  # the darkest neighbour
-    thin = (grey - low > 0.3).float()  # 1 px on the bright side of an edge: outside a shape on white
-    thick = (F.max_pool2d(grey, 3, 1, 1) - low > 0.3).float()  # both sides of it: 2 px
-    line = torch.where(pick(1 / 3), thick, thin)
-    x = torch.where(pick(OUTLINE_SHARE) & (line > 0), torch.full_like(x, 0.1), x)
-    return (x - m) / s
-
-
-def _concept_pairs_order(text_of: np.ndarray, gen: torch.Generator) -> torch.Tensor:
-    """Pairs in runs of two of one concept (two styles of one caption side by side), runs shuffled."""
-    by_text: dict[int, list[int]] = {}
-    for k in torch.randperm(len(text_of), generator=gen).tolist():
-        by_text.setdefault(int(text_of[k]), []).append(k)
-    runs = [ks[s:s + 2] for ks in by_text.values() for s in range(0, len(ks), 2)]
-    order = torch.randperm(len(runs), generator=gen).tolist()
-    return torch.tensor([k for r in order for k in runs[r]], dtype=torch.long)
-
-
 def _concept_loss(image_weight: float, smoothing: float):
     """Multi-positive InfoNCE by concept (same text or same image, both ways), label smoothing,
     plus an image-image term where two styles of one caption are positives."""
@@ -230,11 +165,14 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--aug", choices=("shipped", "colour-safe", "style", "none"), default="shipped")
+    parser.add_argument("--aug", choices=("shipped", "shift", "colour-safe", "none"), default="shipped")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--order", choices=("random", "concept-pairs"), default="random")
-    parser.add_argument("--loss", choices=("shipped", "concept"), default="shipped")
-    parser.add_argument("--image-loss", type=float, default=0.0, help="weight of the image-image term (--loss concept)")
+    parser.add_argument("--order", choices=("random", "concept-pairs"), default="concept-pairs",
+                        help="concept-pairs: mmsearch.train's own (runs of two of one caption); random: the old order")
+    parser.add_argument("--loss", choices=("shipped", "concept"), default="shipped",
+                        help="shipped: mmsearch.train's loss; concept: the screened variant with label smoothing")
+    parser.add_argument("--image-loss", type=float, default=None,
+                        help="weight of the image-image term (shipped: mmsearch.train.IMAGE_LOSS_WEIGHT; 0 turns it off)")
     parser.add_argument("--smoothing", type=float, default=0.0, help="label smoothing (--loss concept)")
     args = parser.parse_args()
 
@@ -252,10 +190,12 @@ def main() -> None:
         text["layers"] = args.text_layers
     if args.aug == "none":
         T._augment = lambda x, gen: x
-    if args.order == "concept-pairs":
-        T._epoch_order = _concept_pairs_order
+    if args.order == "random":  # mmsearch.train's own order is concept pairs
+        T._epoch_order = lambda text_of, gen: torch.randperm(len(text_of), generator=gen)
     if args.loss == "concept":
-        T._contrastive_loss = _concept_loss(args.image_loss, args.smoothing)
+        T._contrastive_loss = _concept_loss(args.image_loss if args.image_loss is not None else 0.0, args.smoothing)
+    elif args.image_loss is not None:
+        T.IMAGE_LOSS_WEIGHT = args.image_loss
     torch.manual_seed(args.seed)
     model, _, preprocess = open_clip.create_model_and_transforms(T.SMALL, vision_cfg=vision, text_cfg=text)
     tokenizer = open_clip.get_tokenizer(T.SMALL)
@@ -263,9 +203,6 @@ def main() -> None:
     if args.aug == "colour-safe":
         mean, std = list(model.visual.preprocess_cfg["mean"]), list(model.visual.preprocess_cfg["std"])
         T._augment = lambda x, gen: colour_safe_augment(x, gen, mean, std)
-    if args.aug == "style":
-        mean, std = list(model.visual.preprocess_cfg["mean"]), list(model.visual.preprocess_cfg["std"])
-        T._augment = lambda x, gen: style_augment(x, gen, mean, std)
 
     started = time.perf_counter()
     train_pairs, _ = T._split(read_pairs(args.train_pairs), 0.1, args.seed)
@@ -276,7 +213,7 @@ def main() -> None:
     text_of = np.array([j for _, j in links], dtype=np.int64)
     with tempfile.TemporaryDirectory(prefix="mmsearch-screen-") as tmp:
         opts = T.TrainOptions(pairs=args.train_pairs, out=Path(tmp), epochs=args.epochs, batch_size=args.batch,
-                              lr=args.lr, seed=args.seed)
+                              lr=args.lr, seed=args.seed, augment="style" if args.aug == "shipped" else "shift")
         T._train_dual(model, pixels, tokens, image_of, text_of, opts, args.lr, False, lambda m: None)
     trained = time.perf_counter() - started
     result = _evaluate(model, tokenizer, preprocess, size, args.test_pairs)

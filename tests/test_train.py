@@ -132,3 +132,65 @@ def test_train_rejects_bad_input(tmp_path: Path) -> None:
     result = CliRunner().invoke(app, ["train", str(pairs), "--out", str(tmp_path / "m"), "--quiet"])
     assert result.exit_code != 0
     assert result.stderr.startswith("error: ") and "no such image" in result.stderr
+
+
+def test_epoch_order_puts_two_drawings_of_a_caption_side_by_side() -> None:
+    import numpy as np
+    import torch
+
+    from mmsearch.train import _epoch_order
+
+    text_of = np.array([0, 1, 0, 2, 1, 0, 3, 2])  # text 0 has three drawings, text 3 one
+    order = _epoch_order(text_of, torch.Generator().manual_seed(0)).tolist()
+    assert sorted(order) == list(range(len(text_of)))
+    runs, k = [], 0
+    while k < len(order):  # split into runs: two of one text, else one
+        n = 2 if k + 1 < len(order) and text_of[order[k]] == text_of[order[k + 1]] else 1
+        runs.append([int(text_of[i]) for i in order[k:k + n]])
+        k += n
+    assert sorted(map(tuple, runs)) == [(0,), (0, 0), (1, 1), (2, 2), (3,)]
+
+
+def test_image_image_term_pulls_two_drawings_of_one_caption_together(monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+    import torch.nn.functional as F
+
+    from mmsearch import train as T
+
+    txt = F.normalize(torch.rand(4, 8), dim=-1)
+    apart = torch.eye(4, 8)  # no two images alike: picking the other drawing is a 1-in-3 guess, log 3
+    together = apart.clone()
+    together[1] = together[0]  # rows 0 and 1 draw the same caption
+    images, scale = torch.tensor([0, 1, 2, 3]), torch.tensor(10.0)
+
+    def term(img: torch.Tensor, texts: torch.Tensor) -> float:
+        with_it = float(T._contrastive_loss(img, txt, scale, images, texts))
+        monkeypatch.setattr(T, "IMAGE_LOSS_WEIGHT", 0.0)
+        without = float(T._contrastive_loss(img, txt, scale, images, texts))
+        monkeypatch.undo()
+        return with_it - without
+
+    shared = torch.tensor([0, 0, 1, 2])
+    assert term(apart, shared) > 1.0 and term(together, shared) < 0.1  # the two drawings identical: nothing to learn
+    assert term(apart, torch.tensor([0, 1, 2, 3])) == 0.0  # every caption different: no image-image term
+
+
+def test_style_augmentation_redraws_but_keeps_hue_and_size() -> None:
+    import torch
+
+    from mmsearch.train import _restyle
+
+    mean, std = [0.5, 0.5, 0.5], [0.25, 0.25, 0.25]
+    pic = torch.ones(64, 3, 32, 32)  # white pictures with a red square
+    pic[:, 1:, 8:24, 8:24] = 0.1
+    x = (pic - 0.5) / 0.25
+    out = _restyle(x, torch.Generator().manual_seed(0), mean, std)
+    again = _restyle(x, torch.Generator().manual_seed(0), mean, std)
+    assert out.shape == x.shape and torch.equal(out, again)
+    back = out * 0.25 + 0.5
+    changed = (back - pic).abs().amax(dim=(1, 2, 3)) > 0.05
+    assert 0.3 < changed.float().mean() < 1.0  # most pictures are redrawn, not all
+    square = back[:, :, 12:20, 12:20]
+    assert (square[:, 0] > square[:, 1] + 0.2).all()  # the square's centre stays red in every picture
+    outlined = (back[:, :, 7, 8:24] < 0.2).all(dim=1).all(dim=1)  # a dark line just outside its top edge
+    assert 0.05 < outlined.float().mean() < 0.6
