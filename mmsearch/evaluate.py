@@ -169,8 +169,10 @@ def _score(home: Any, images: list[Path], texts: list[str], links: list[tuple[in
         else:
             text_states, text_mask = text_states_padded(encoder.text_model, encoder.tokenizer, texts, encoder.device)
             scorer = reranker.scorer
-            t2i_corr = scorer_corrections(scorer, text_states, text_mask, image_tokens, text_queries=True)
-            i2t_corr = scorer_corrections(scorer, text_states, text_mask, image_tokens, text_queries=False)
+            if "text_to_image" in reranker.directions:  # elsewhere the dual-encoder ranking, as search gives
+                t2i_corr = scorer_corrections(scorer, text_states, text_mask, image_tokens, text_queries=True)
+            if "image_to_text" in reranker.directions:
+                i2t_corr = scorer_corrections(scorer, text_states, text_mask, image_tokens, text_queries=False)
     has_image = positives.any(axis=1)
     t2i = positive_ranks(sims, positives, t2i_corr, rerank_k)[has_image]
     i2t = positive_ranks(np.ascontiguousarray(sims.T), np.ascontiguousarray(positives.T), i2t_corr, rerank_k)

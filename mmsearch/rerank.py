@@ -128,6 +128,15 @@ def load_scorer(folder: Path, device: str = "cpu") -> CrossAttentionScorer:
     return scorer.to(device).eval()
 
 
+def scorer_directions(folder: Path) -> tuple[str, ...]:
+    """The directions a trained re-ranker re-scores (``directions`` in its config; both when absent)."""
+    try:
+        listed = json.loads((folder / RERANKER_CONFIG).read_text()).get("directions", DIRECTIONS)
+    except (OSError, ValueError, AttributeError):
+        listed = DIRECTIONS
+    return tuple(d for d in DIRECTIONS if d in listed)
+
+
 def reranker_folder(encoder: "Encoder") -> Path | None:
     """The model folder holding a trained cross-attention re-ranker, if the encoder's model has one."""
     path = encoder.spec.path
@@ -170,7 +179,7 @@ def load_reranker(encoder: "Encoder") -> "Reranker | CaptionReranker":
                         f"model {encoder.spec} has no re-ranker ({RERANKER_WEIGHTS}); "
                         "train one with `mmsearch train PAIRS --out DIR` and use --model DIR"
                     )
-                cached = Reranker(encoder, load_scorer(folder, encoder.device))
+                cached = Reranker(encoder, load_scorer(folder, encoder.device), scorer_directions(folder))
             object.__setattr__(encoder, "_reranker", cached)
     return cached
 
@@ -190,11 +199,14 @@ class Reranker:
     ``score(query, candidates)``: ``query`` is a text (str) or an image's patch
     tokens (array (P, dim)); each candidate is a dict with ``id``, ``score``
     (the dual-encoder score) and ``tokens`` (image candidates) or ``text``
-    (text candidates). Returns dual score + correction per candidate.
+    (text candidates). Returns dual score + correction per candidate; in a
+    direction not in ``directions`` (``train`` found that the re-ranker
+    lowered validation Recall@1 there) the dual score alone.
     """
 
     encoder: "Encoder"
     scorer: CrossAttentionScorer
+    directions: tuple[str, ...] = DIRECTIONS
 
     @classmethod
     def load(cls, encoder: "Encoder") -> "Reranker | CaptionReranker":
@@ -215,7 +227,10 @@ class Reranker:
             return np.zeros(0, dtype=np.float32)
         dual = np.array([float(c["score"]) for c in candidates], dtype=np.float32)
         n = len(candidates)
-        if isinstance(query, (str, TextStates)):
+        text_query = isinstance(query, (str, TextStates))
+        if ("text_to_image" if text_query else "image_to_text") not in self.directions:
+            return dual
+        if text_query:
             states, mask = self.text_states([query]) if isinstance(query, str) else (query.states, query.mask)
             images = torch.from_numpy(np.stack([np.asarray(c["tokens"]) for c in candidates]))
             correction = self.corrections(states.expand(n, -1, -1), mask.expand(n, -1), images)

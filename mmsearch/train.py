@@ -43,6 +43,7 @@ from mmsearch.rerank import DIRECTIONS, CaptionReranker, CrossAttentionScorer, s
 from mmsearch.towers import caption_log_likelihood, coca_text_states, encode_text_tokens, image_token_states, is_coca
 
 SMALL = "mmsearch-small"
+ARROWS = {"text_to_image": "text→image", "image_to_text": "image→text"}
 #: Default dual-encoder epochs: from scratch (``--base small``), and fine-tuning a pretrained base.
 SMALL_EPOCHS = 20
 BASE_EPOCHS = 30
@@ -84,6 +85,8 @@ class TrainReport:
     val_dual: dict[str, dict[str, float]] = field(default_factory=dict)
     val_rerank: dict[str, dict[str, float]] = field(default_factory=dict)
     reranker_saved: bool = False
+    #: the directions the saved re-ranker re-scores (the others keep the dual-encoder ranking)
+    reranker_directions: list[str] = field(default_factory=list)
     message: str = ""
 
     def as_dict(self) -> dict[str, Any]:
@@ -571,13 +574,14 @@ def _fit_caption_fusion(
         message += "; set to 0 (dual encoder alone) where they lowered validation Recall@1: " + ", ".join(refused)
     return TrainReport(
         out=str(opts.out), train_pairs=0, val_pairs=0, epochs=opts.epochs, resumed_from_epoch=0, seconds=0.0,
-        val_dual=val_dual, val_rerank=val_rerank, reranker_saved=any(kept.values()), message=message,
+        val_dual=val_dual, val_rerank=val_rerank, reranker_saved=any(kept.values()),
+        reranker_directions=[d for d in DIRECTIONS if kept[d]], message=message,
     )
 
 
-def accept_reranker(dual: dict[str, dict[str, float]], rerank: dict[str, dict[str, float]]) -> bool:
-    """A re-ranker is kept only if validation R@1 is not lower in either direction."""
-    return all(rerank[d]["R@1"] >= dual[d]["R@1"] for d in ("text_to_image", "image_to_text"))
+def accept_reranker(dual: dict[str, dict[str, float]], rerank: dict[str, dict[str, float]]) -> list[str]:
+    """The directions a re-ranker is kept for: those whose validation R@1 it does not lower."""
+    return [d for d in DIRECTIONS if rerank[d]["R@1"] >= dual[d]["R@1"]]
 
 
 def _positives(images: list[Path], texts: list[str], links: list[tuple[int, int]]) -> np.ndarray:
@@ -650,17 +654,19 @@ def train(opts: TrainOptions, *, progress: bool = True, say: Callable[[str], Non
         val_dual=_val_recalls(val_frozen, val_pos, None, opts.mine_k),
         val_rerank=_val_recalls(val_frozen, val_pos, scorer, opts.mine_k),
     )
-    if accept_reranker(report.val_dual, report.val_rerank):
-        save_scorer(scorer, opts.out, {"trained_on": str(opts.pairs), "rerank_k": opts.mine_k})
+    kept = accept_reranker(report.val_dual, report.val_rerank)
+    change = ", ".join(f"{ARROWS[d]} {report.val_dual[d]['R@1']:.3f} → {report.val_rerank[d]['R@1']:.3f}"
+                       for d in DIRECTIONS)
+    report.reranker_directions = kept
+    if kept:
+        save_scorer(scorer, opts.out, {"trained_on": str(opts.pairs), "rerank_k": opts.mine_k, "directions": kept})
         report.reranker_saved = True
-        report.message = "re-ranker saved"
+        report.message = (f"re-ranker saved (validation Recall@1 {change})" if len(kept) == len(DIRECTIONS) else
+                          f"re-ranker saved for {ARROWS[kept[0]]} only: it lowered validation Recall@1 the other way "
+                          f"({change}); the other direction keeps the dual-encoder ranking")
     else:
-        report.message = (
-            "re-ranker NOT saved: it lowered validation Recall@1 "
-            f"(text→image {report.val_dual['text_to_image']['R@1']:.3f} → {report.val_rerank['text_to_image']['R@1']:.3f}, "
-            f"image→text {report.val_dual['image_to_text']['R@1']:.3f} → {report.val_rerank['image_to_text']['R@1']:.3f}); "
-            "the dual encoder alone was saved"
-        )
+        report.message = (f"re-ranker NOT saved: it lowered validation Recall@1 ({change}); "
+                          "the dual encoder alone was saved")
     return _finish(report, opts, started)
 
 

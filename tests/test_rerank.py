@@ -174,3 +174,28 @@ def test_rerank_query_shares_one_encoder_pass(untrained_rerank_model: Path, phot
         vector, tokens = rerank_query(h, None, image, "text")
         np.testing.assert_allclose(vector, query_vector(h, None, image), atol=1e-5)
         assert tokens.ndim == 2 and tokens.shape[1] == 32
+
+
+def test_reranker_kept_for_one_direction_leaves_the_other_to_the_dual_encoder(
+        tiny_model: Path, photo_dir: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "one-way"
+    shutil.copytree(tiny_model, folder)
+    torch.manual_seed(5)
+    scorer = CrossAttentionScorer(32)
+    torch.nn.init.normal_(scorer.head.weight, std=5.0)  # a re-ranker that does change the scores
+    save_scorer(scorer, folder, {"directions": ["text_to_image"]})
+    home = tmp_path / "home"
+    assert run(home, folder, "index", str(photo_dir), "--quiet").exit_code == 0
+    corpus = tmp_path / "texts.txt"
+    corpus.write_text("a red picture\na green picture\na blue picture\nsomething yellow\nblack\nwhite\n")
+    assert run(home, folder, "add-texts", str(corpus), "--quiet").exit_code == 0
+
+    plain = lines(run(home, folder, "search", "red", "--json").stdout)
+    reranked = lines(run(home, folder, "search", "red", "--json", "--rerank").stdout)
+    assert [h["score"] for h in reranked] != pytest.approx([h["score"] for h in plain], abs=1e-4)
+
+    query = str(photo_dir / "green.png")
+    plain = lines(run(home, folder, "search", "--image", query, "--texts", "--json").stdout)
+    reranked = lines(run(home, folder, "search", "--image", query, "--texts", "--rerank", "--json").stdout)
+    assert [h["id"] for h in reranked] == [h["id"] for h in plain]
+    assert [h["score"] for h in reranked] == pytest.approx([h["score"] for h in plain], abs=1e-5)

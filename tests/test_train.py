@@ -120,10 +120,12 @@ def test_training_resumes_from_its_checkpoint(trained: tuple[Path, dict], shapes
     assert any("resuming" in m for m in messages)
 
 
-def test_reranker_kept_only_if_recall_at_1_does_not_drop() -> None:
+def test_reranker_kept_only_where_recall_at_1_does_not_drop() -> None:
     dual = {"text_to_image": {"R@1": 0.5}, "image_to_text": {"R@1": 0.4}}
-    assert accept_reranker(dual, {"text_to_image": {"R@1": 0.6}, "image_to_text": {"R@1": 0.4}})
-    assert not accept_reranker(dual, {"text_to_image": {"R@1": 0.9}, "image_to_text": {"R@1": 0.39}})
+    assert accept_reranker(dual, {"text_to_image": {"R@1": 0.6}, "image_to_text": {"R@1": 0.4}}) == [
+        "text_to_image", "image_to_text"]
+    assert accept_reranker(dual, {"text_to_image": {"R@1": 0.9}, "image_to_text": {"R@1": 0.39}}) == ["text_to_image"]
+    assert accept_reranker(dual, {"text_to_image": {"R@1": 0.4}, "image_to_text": {"R@1": 0.3}}) == []
 
 
 def test_train_rejects_bad_input(tmp_path: Path) -> None:
