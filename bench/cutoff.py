@@ -9,9 +9,12 @@ seeded split), query with the captions of all concepts. For each threshold:
   is in the top 10, the share whose own image reaches the threshold.
 
 Besides ``relevance`` (mmsearch.relevance: a z-score against the query's scores
-over a sample of the collection) it scores two alternatives on the same hits,
-to show why that one was chosen: the raw cosine score, and a z-score against
-the query's own neighbours at ranks 11-100 (the "tail").
+over a sample of the collection) it scores alternatives on the same hits, to
+show why that one was chosen: the raw cosine score, a z-score against the
+query's own neighbours at ranks 11-100 (the "tail"), and the image side: a
+z-score of the hit's score against that image's scores over a bank of texts
+that are not queries (open_clip's 1,000 ImageNet class prompts), alone and
+added to ``relevance``.
 
     python bench/cutoff.py --model /tmp/emoji-model --pairs /tmp/emoji/facebook.jsonl
 
@@ -33,6 +36,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine  # noqa: E402
+
+from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES  # noqa: E402
 
 from mmsearch.home import Home  # noqa: E402
 from mmsearch.indexer import index_paths  # noqa: E402
@@ -64,12 +69,21 @@ def measure(model: str, pairs_file: Path, seed: int, workdir: Path) -> dict:
         id_of = {p: i for i, p in paths.items()}
         sample = background(home, "image")
         scores, ids = index.search(queries, TAIL[1])
+        # the image side: each image's scores against a bank of texts that are not the queries
+        # (open_clip's ImageNet class names in its "a photo of a ..." prompt)
+        bank = encoder.embed_texts([f"a photo of a {name}." for name in IMAGENET_CLASSNAMES])
+        vecs = home.catalog.vectors("image", list(paths), home.dim)
+        against = {i: bank @ v for i, v in vecs.items()}
+        image_mean = {i: float(a.mean()) for i, a in against.items()}
+        image_std = {i: max(float(a.std()), 1e-6) for i, a in against.items()}
     rows = []
     for q, (image, _) in enumerate(pairs):
         top_scores, top_ids = scores[q, :TOP], ids[q, :TOP]
         z = relevance(top_scores, queries[q], sample)
         tail = scores[q, TAIL[0]:TAIL[1]]
         tail_z = (top_scores - tail.mean()) / max(tail.std(), 1e-6)
+        image_z = np.array([(s - image_mean[int(i)]) / image_std[int(i)] for s, i in zip(top_scores, top_ids)])
+        both = z + image_z
         own = id_of.get(image)
         where = np.flatnonzero(top_ids == own) if own is not None else np.zeros(0, int)
         rows.append({
@@ -79,6 +93,8 @@ def measure(model: str, pairs_file: Path, seed: int, workdir: Path) -> dict:
             "relevance": float(z[where[0]] if len(where) else z.max()),
             "raw": float(top_scores[where[0]] if len(where) else top_scores.max()),
             "tail": float(tail_z[where[0]] if len(where) else tail_z.max()),
+            "image_z": float(image_z[where[0]] if len(where) else image_z.max()),
+            "both_z": float(both[where[0]] if len(where) else both.max()),
         })
     return {"rows": rows, "index_seconds": indexed, "images": len(present), "queries": len(pairs)}
 
@@ -165,7 +181,8 @@ def main() -> None:
     print("\n| calibration | threshold keeping ≥ 90% of matches | absent → nothing there |")
     print("|---|---:|---:|")
     for key, name in (("relevance", "relevance (z vs collection sample)"), ("tail", "z vs own neighbours 11-100"),
-                      ("raw", "raw cosine score")):
+                      ("raw", "raw cosine score"), ("image_z", "z of the image vs a bank of 1,000 ImageNet prompts"),
+                      ("both_z", "query z + image z")):
         threshold, share = at_kept(rows, key, 0.90)
         print(f"| {name} | {threshold:.3f} | {share:.1%} |")
     absent = np.array([r["relevance"] for r in rows if not r["present"]])
@@ -173,6 +190,10 @@ def main() -> None:
     auc = float((matched[:, None] > absent[None, :]).mean())
     print(f"\nP(a match's relevance > an absent query's best top-{TOP} relevance) = {auc:.3f} "
           "(0.5: the two cannot be told apart by any threshold)")
+    for key in ("tail", "raw", "image_z", "both_z"):
+        a = np.array([r[key] for r in rows if not r["present"]])
+        m = np.array([r[key] for r in rows if r["present"] and r["own_in_top"]])
+        print(f"  the same for {key}: {float((m[:, None] > a[None, :]).mean()):.3f}")
     auto_nothing, auto_kept = curve(rows, "relevance", np.array([AUTO_CUTOFF]))
     print(f"\nauto ({AUTO_CUTOFF:g}): absent → nothing {auto_nothing[0]:.1%}, matches kept {auto_kept[0]:.1%} "
           f"(targets ≥ 80% and ≥ 90%: {'met' if auto_nothing[0] >= 0.8 and auto_kept[0] >= 0.9 else 'NOT met'})")

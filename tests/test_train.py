@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image, ImageDraw
 from typer.testing import CliRunner
 
@@ -196,3 +197,41 @@ def test_style_augmentation_redraws_but_keeps_hue_and_size() -> None:
     assert (square[:, 0] > square[:, 1] + 0.2).all()  # the square's centre stays red in every picture
     outlined = (back[:, :, 7, 8:24] < 0.2).all(dim=1).all(dim=1)  # a dark line just outside its top edge
     assert 0.05 < outlined.float().mean() < 0.6
+
+
+def test_a_resnet_resumed_mid_run_ends_where_an_unbroken_run_does(
+    shapes_pairs: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The convolutional tower trains channels-last with fused AdamW; a resume must re-lay the saved state."""
+    from conftest import save_tiny_model
+    from safetensors.torch import load_file
+    from test_rerank import TINY_RESNET_CFG
+
+    import mmsearch.train as train_module
+
+    base = save_tiny_model(tmp_path / "resnet", cfg=TINY_RESNET_CFG)
+
+    def options(out: Path) -> TrainOptions:
+        return TrainOptions(pairs=shapes_pairs, out=out, base=str(base), epochs=3, batch_size=8, lr=2e-3,
+                            rerank_epochs=0, val_fraction=0.25)
+
+    train(options(tmp_path / "unbroken"), progress=False, say=lambda _: None)
+
+    save = train_module._save_checkpoint
+
+    def save_then_stop(folder, model, opt, state):  # a kill just after the first epoch's checkpoint
+        save(folder, model, opt, state)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_module, "_save_checkpoint", save_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        train(options(tmp_path / "broken"), progress=False, say=lambda _: None)
+    monkeypatch.setattr(train_module, "_save_checkpoint", save)
+    report = train(options(tmp_path / "broken"), progress=False, say=lambda _: None)
+    assert report.resumed_from_epoch == 1
+
+    unbroken = load_file(tmp_path / "unbroken" / "open_clip_model.safetensors")
+    resumed = load_file(tmp_path / "broken" / "open_clip_model.safetensors")
+    assert unbroken.keys() == resumed.keys()
+    differ = [k for k in unbroken if not torch.allclose(unbroken[k], resumed[k], atol=1e-6)]
+    assert not differ, differ
