@@ -633,7 +633,10 @@ def train(
     if as_json:
         echo_json(report.as_dict())
         return
-    for name, val in (("dual encoder", report.val_dual), ("with re-ranker", report.val_rerank)):
+    rows = [("dual encoder", report.val_dual), ("with re-ranker", report.val_rerank)]
+    if any(w > 0 for w in report.exemplar_weights.values()):
+        rows.append(("as saved", report.val_saved))  # the re-ranker's kept directions plus the exemplar memory
+    for name, val in rows:
         t2i, i2t = val["text_to_image"], val["image_to_text"]
         typer.echo(
             f"validation {name:15s} text→image R@1 {t2i['R@1']:.3f} R@5 {t2i['R@5']:.3f} R@10 {t2i['R@10']:.3f}"

@@ -53,6 +53,20 @@ def positive_ranks(
     return ranks
 
 
+def combined(*parts: Corrections | None) -> Corrections | None:
+    """The sum of several :data:`Corrections` (None ones left out; None if all are)."""
+    present = [p for p in parts if p is not None]
+    if not present:
+        return None
+    if len(present) == 1:
+        return present[0]
+
+    def run(rows: np.ndarray, cands: np.ndarray) -> np.ndarray:
+        return sum(p(rows, cands) for p in present)
+
+    return run
+
+
 def recalls(ranks: np.ndarray, ks: tuple[int, ...] = KS) -> dict[str, float]:
     if len(ranks) == 0:
         return {f"R@{k}": 0.0 for k in ks}
@@ -173,6 +187,9 @@ def _score(home: Any, images: list[Path], texts: list[str], links: list[tuple[in
                 t2i_corr = scorer_corrections(scorer, text_states, text_mask, image_tokens, text_queries=True)
             if "image_to_text" in reranker.directions:
                 i2t_corr = scorer_corrections(scorer, text_states, text_mask, image_tokens, text_queries=False)
+            if reranker.exemplars is not None:  # the training pictures of known captions (mmsearch.exemplars)
+                t2i_corr = combined(t2i_corr, reranker.exemplars.corrections(texts, img, text_queries=True))
+                i2t_corr = combined(i2t_corr, reranker.exemplars.corrections(texts, img, text_queries=False))
     has_image = positives.any(axis=1)
     t2i = positive_ranks(sims, positives, t2i_corr, rerank_k)[has_image]
     i2t = positive_ranks(np.ascontiguousarray(sims.T), np.ascontiguousarray(positives.T), i2t_corr, rerank_k)

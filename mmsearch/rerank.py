@@ -14,6 +14,11 @@ Two kinds of re-ranker, one interface (``score(query, candidates)``):
   product of the contrastive and the captioning model). Weight 0 is the dual
   encoder alone; ``mmsearch train`` fits one weight per direction.
 
+A trained model may also hold an exemplar memory (:mod:`mmsearch.exemplars`):
+the mean embedding of each training caption's pictures, whose weighted
+cosine with a candidate is added to the :class:`Reranker`'s score when the
+text of the pair is a training caption.
+
 Both directions of search (text→image and image→text) score the same
 (text, image) pairing.
 
@@ -41,6 +46,7 @@ import torch
 from torch import nn
 
 from mmsearch.errors import HomeWriteError, RerankerUnavailableError
+from mmsearch.exemplars import ExemplarMemory
 from mmsearch.towers import (
     caption_log_likelihood, coca_text_states, image_token_states, is_coca, real_length, text_token_states,
 )
@@ -179,17 +185,19 @@ def load_reranker(encoder: "Encoder") -> "Reranker | CaptionReranker":
                         f"model {encoder.spec} has no re-ranker ({RERANKER_WEIGHTS}); "
                         "train one with `mmsearch train PAIRS --out DIR` and use --model DIR"
                     )
-                cached = Reranker(encoder, load_scorer(folder, encoder.device), scorer_directions(folder))
+                cached = Reranker(encoder, load_scorer(folder, encoder.device), scorer_directions(folder),
+                                  ExemplarMemory.load(folder))
             object.__setattr__(encoder, "_reranker", cached)
     return cached
 
 
 @dataclass
 class TextStates:
-    """A text query's token states (1, L, dim) and mask (1, L), computed once per search."""
+    """A text query's token states (1, L, dim) and mask (1, L), computed once per search, and its text."""
 
     states: torch.Tensor
     mask: torch.Tensor
+    text: str = ""
 
 
 @dataclass
@@ -202,11 +210,17 @@ class Reranker:
     (text candidates). Returns dual score + correction per candidate; in a
     direction not in ``directions`` (``train`` found that the re-ranker
     lowered validation Recall@1 there) the dual score alone.
+
+    With an exemplar memory (:mod:`mmsearch.exemplars`) weighted in the
+    query's direction, its correction is added too: image candidates then
+    need their normalised ``vector``, and an image query its own
+    (``query_vector``).
     """
 
     encoder: "Encoder"
     scorer: CrossAttentionScorer
     directions: tuple[str, ...] = DIRECTIONS
+    exemplars: ExemplarMemory | None = None
 
     @classmethod
     def load(cls, encoder: "Encoder") -> "Reranker | CaptionReranker":
@@ -222,27 +236,51 @@ class Reranker:
             out = self.scorer(text.to(self.encoder.device), mask.to(self.encoder.device), image.to(self.encoder.device))
         return out.float().cpu().numpy()
 
-    def score(self, query: "str | np.ndarray | TextStates", candidates: Sequence[dict[str, Any]]) -> np.ndarray:
+    def uses_exemplars(self, direction: str) -> bool:
+        """Whether the exemplar memory re-scores ``direction`` (so candidates need their vectors)."""
+        return self.exemplars is not None and self.exemplars.weights.get(direction, 0.0) > 0
+
+    def score(
+        self, query: "str | np.ndarray | TextStates", candidates: Sequence[dict[str, Any]],
+        *, query_vector: np.ndarray | None = None,
+    ) -> np.ndarray:
         if not candidates:
             return np.zeros(0, dtype=np.float32)
         dual = np.array([float(c["score"]) for c in candidates], dtype=np.float32)
         n = len(candidates)
         text_query = isinstance(query, (str, TextStates))
-        if ("text_to_image" if text_query else "image_to_text") not in self.directions:
-            return dual
-        if text_query:
-            states, mask = self.text_states([query]) if isinstance(query, str) else (query.states, query.mask)
-            images = torch.from_numpy(np.stack([np.asarray(c["tokens"]) for c in candidates]))
-            correction = self.corrections(states.expand(n, -1, -1), mask.expand(n, -1), images)
-        else:
-            states, mask = self.text_states([str(c["text"]) for c in candidates])
-            image = torch.from_numpy(np.asarray(query))[None].expand(n, -1, -1)
-            correction = self.corrections(states, mask, image)
-        return dual + correction
+        direction = "text_to_image" if text_query else "image_to_text"
+        total = dual
+        if direction in self.directions:
+            if text_query:
+                states, mask = self.text_states([query]) if isinstance(query, str) else (query.states, query.mask)
+                images = torch.from_numpy(np.stack([np.asarray(c["tokens"]) for c in candidates]))
+                correction = self.corrections(states.expand(n, -1, -1), mask.expand(n, -1), images)
+            else:
+                states, mask = self.text_states([str(c["text"]) for c in candidates])
+                image = torch.from_numpy(np.asarray(query))[None].expand(n, -1, -1)
+                correction = self.corrections(states, mask, image)
+            total = total + correction
+        if self.uses_exemplars(direction):
+            assert self.exemplars is not None
+            if text_query:
+                text = query if isinstance(query, str) else query.text
+                if any("vector" not in c for c in candidates):
+                    raise ValueError("this model's exemplar memory needs each image candidate's 'vector'")
+                vectors = np.stack([np.asarray(c["vector"], dtype=np.float32) for c in candidates])
+                total = total + self.exemplars.text_to_image(text, vectors)
+            else:
+                if query_vector is None:
+                    raise ValueError("an image query re-ranked with exemplars needs its query_vector")
+                total = total + self.exemplars.image_to_text(query_vector, [str(c["text"]) for c in candidates])
+        return total
 
-    def rank(self, query: "str | np.ndarray | TextStates", candidates: Sequence[dict[str, Any]], top_k: int | None = None) -> list[dict[str, Any]]:
+    def rank(
+        self, query: "str | np.ndarray | TextStates", candidates: Sequence[dict[str, Any]], top_k: int | None = None,
+        *, query_vector: np.ndarray | None = None,
+    ) -> list[dict[str, Any]]:
         """Candidates best first, as ``[{"id", "score"}]`` (CrossEncoder style)."""
-        scores = self.score(query, candidates)
+        scores = self.score(query, candidates, query_vector=query_vector)
         order = np.argsort(-scores, kind="stable")
         ranked = [{"id": candidates[i]["id"], "score": float(scores[i])} for i in order]
         return ranked if top_k is None else ranked[:top_k]
@@ -311,7 +349,14 @@ class CaptionReranker:
                 out.append(caption_log_likelihood(model, image[s:s + self.batch].to(device), x, t[:, :length]))
         return torch.cat(out).float().cpu().numpy() if out else np.zeros(0, dtype=np.float32)
 
-    def score(self, query: "str | np.ndarray", candidates: Sequence[dict[str, Any]]) -> np.ndarray:
+    def uses_exemplars(self, direction: str) -> bool:
+        """A CoCa model's decoder re-ranks alone (no exemplar memory)."""
+        return False
+
+    def score(
+        self, query: "str | np.ndarray", candidates: Sequence[dict[str, Any]], *, query_vector: np.ndarray | None = None,
+    ) -> np.ndarray:
+        """Dual score + the decoder's correction per candidate (``query_vector`` is not needed)."""
         if not candidates:
             return np.zeros(0, dtype=np.float32)
         dual = np.array([float(c["score"]) for c in candidates], dtype=np.float32)

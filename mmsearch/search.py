@@ -119,7 +119,7 @@ def search(
     if rerank_k > 0:
         vector, prepared = rerank_query(home, query, image, target, files=files)  # one encoder pass for both
         hits = nearest(home, vector, target, max(k, rerank_k), index=index)
-        hits = rerank_hits(home, prepared, target, hits, k, rerank_k)
+        hits = rerank_hits(home, prepared, target, hits, k, rerank_k, vector=vector)
     else:
         vector = query_vector(home, query, image, files=files)
         hits = nearest(home, vector, target, k, index=index)
@@ -211,16 +211,20 @@ def rerank_query(
             tokens = encoder.tokenize([terms[0].text]).to(encoder.device)
             states, mask = text_token_states(encoder.text_model, tokens)
             vector = torch.nn.functional.normalize(states[0, int(mask[0].sum()) - 1].float(), dim=-1)
-        return vector.cpu().numpy().astype(np.float32), TextStates(states, mask)
+        return vector.cpu().numpy().astype(np.float32), TextStates(states, mask, terms[0].text)
     if image is None or query:
         raise UsageError("re-ranking texts needs an example image alone (no text query)")
     return _image_with_tokens(encoder, image)
 
 
-def rerank_hits(home: Home, prepared: Any, target: str, hits: list[Hit], k: int, rerank_k: int) -> list[Hit]:
+def rerank_hits(
+    home: Home, prepared: Any, target: str, hits: list[Hit], k: int, rerank_k: int, *, vector: np.ndarray | None = None
+) -> list[Hit]:
     """Re-score the first ``rerank_k`` hits with the home model's re-ranker; the best ``k``.
 
-    ``prepared`` is the query as :func:`rerank_query` returned it.
+    ``prepared`` is the query as :func:`rerank_query` returned it, ``vector``
+    the query's search vector (an exemplar memory compares an image query's
+    vector with the candidate texts' exemplars).
     """
     from mmsearch.rerank import Reranker, TokenStore
 
@@ -237,9 +241,14 @@ def rerank_hits(home: Home, prepared: Any, target: str, hits: list[Hit], k: int,
             for i, tokens in zip(missing, _images_tokens(encoder, [Path(str(head[i].path)) for i in missing])):
                 stored[i] = tokens
         candidates = [{"id": hit.id, "score": hit.score, "tokens": tokens} for hit, tokens in zip(head, stored)]
+        if reranker.uses_exemplars("text_to_image") and head:
+            dim = home.dim or 0
+            vectors = home.catalog.vectors("image", [int(h.id) for h in head], dim)
+            for candidate in candidates:  # one removed since the search gets no correction
+                candidate["vector"] = vectors.get(int(candidate["id"]), np.zeros(dim, dtype=np.float32))
     else:
         candidates = [{"id": h.id, "score": h.score, "text": h.text or ""} for h in head]
-    scores = reranker.score(prepared, candidates)
+    scores = reranker.score(prepared, candidates, query_vector=vector)
     order = np.argsort(-scores, kind="stable")
     reranked = []
     for i in order:

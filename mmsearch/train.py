@@ -37,7 +37,10 @@ import torch
 import torch.nn.functional as F
 
 from mmsearch.errors import InputFileError, UsageError
-from mmsearch.evaluate import positive_ranks, recalls, scorer_corrections, text_states_padded
+from mmsearch.evaluate import combined, positive_ranks, recalls, scorer_corrections, text_states_padded
+from mmsearch.exemplars import (
+    EXEMPLAR_CONFIG, EXEMPLAR_WEIGHTS, ExemplarMemory, fit_weights, leave_one_out_table, weighted_corrections,
+)
 from mmsearch.pairs import Pair, group, read_pairs
 from mmsearch.rerank import DIRECTIONS, CaptionReranker, CrossAttentionScorer, save_caption_weights, save_scorer
 from mmsearch.towers import caption_log_likelihood, coca_text_states, encode_text_tokens, image_token_states, is_coca
@@ -87,6 +90,10 @@ class TrainReport:
     reranker_saved: bool = False
     #: the directions the saved re-ranker re-scores (the others keep the dual-encoder ranking)
     reranker_directions: list[str] = field(default_factory=list)
+    #: per direction, the weight of the exemplar memory (mmsearch.exemplars; 0: not used)
+    exemplar_weights: dict[str, float] = field(default_factory=dict)
+    #: validation recalls with everything saved (kept re-ranker directions plus exemplars)
+    val_saved: dict[str, dict[str, float]] = field(default_factory=dict)
     message: str = ""
 
     def as_dict(self) -> dict[str, Any]:
@@ -435,8 +442,8 @@ def _match_layouts(opt: torch.optim.Optimizer) -> None:
     parameter is not, and the fused AdamW kernel reads both as flat memory:
     left as they are, a resumed run would update the wrong elements.
     """
-    for group in opt.param_groups:
-        for param in group["params"]:
+    for param_group in opt.param_groups:
+        for param in param_group["params"]:
             for name, value in opt.state.get(param, {}).items():
                 if torch.is_tensor(value) and value.shape == param.shape and value.stride() != param.stride():
                     opt.state[param][name] = torch.empty_like(param).copy_(value)
@@ -681,7 +688,7 @@ def train(opts: TrainOptions, *, progress: bool = True, say: Callable[[str], Non
     weights = opts.out / "open_clip_model.safetensors"
     save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, str(weights) + ".tmp")
     Path(str(weights) + ".tmp").replace(weights)
-    for name in ("reranker.safetensors", "reranker.json"):
+    for name in ("reranker.safetensors", "reranker.json", EXEMPLAR_WEIGHTS, EXEMPLAR_CONFIG):
         (opts.out / name).unlink(missing_ok=True)
 
     va_images, va_texts, va_links = group(val_pairs)
@@ -710,16 +717,61 @@ def train(opts: TrainOptions, *, progress: bool = True, say: Callable[[str], Non
     change = ", ".join(f"{ARROWS[d]} {report.val_dual[d]['R@1']:.3f} → {report.val_rerank[d]['R@1']:.3f}"
                        for d in DIRECTIONS)
     report.reranker_directions = kept
+    report.exemplar_weights = _fit_exemplars(report, val_frozen, va_texts, va_links, val_pos, scorer, kept, opts)
+    # the memory holds every pair of the file: the validation pairs are the user's too
+    memory = ExemplarMemory.build(
+        tr_texts + va_texts, torch.cat([frozen["img"], val_frozen["img"]]).numpy(),
+        list(tr_links) + [(i + len(tr_images), j + len(tr_texts)) for i, j in va_links],
+    )
+    memory.weights = dict(report.exemplar_weights)
     if kept:
-        save_scorer(scorer, opts.out, {"trained_on": str(opts.pairs), "rerank_k": opts.mine_k, "directions": kept})
-        report.reranker_saved = True
         report.message = (f"re-ranker saved (validation Recall@1 {change})" if len(kept) == len(DIRECTIONS) else
                           f"re-ranker saved for {ARROWS[kept[0]]} only: it lowered validation Recall@1 the other way "
                           f"({change}); the other direction keeps the dual-encoder ranking")
+    elif memory.active:
+        report.message = f"cross-attention re-ranker not used: it lowered validation Recall@1 ({change})"
     else:
         report.message = (f"re-ranker NOT saved: it lowered validation Recall@1 ({change}); "
                           "the dual encoder alone was saved")
+    if kept or memory.active:
+        save_scorer(scorer, opts.out, {"trained_on": str(opts.pairs), "rerank_k": opts.mine_k, "directions": kept})
+        report.reranker_saved = True
+    if memory.active:
+        memory.save(opts.out, {"trained_on": str(opts.pairs)})
+        used = ", ".join(f"{ARROWS[d]} weight {memory.weights[d]:g}" for d in DIRECTIONS if memory.weights[d] > 0)
+        after = ", ".join(f"{ARROWS[d]} {report.val_dual[d]['R@1']:.3f} → {report.val_saved[d]['R@1']:.3f}"
+                          for d in DIRECTIONS)
+        report.message += f"; exemplar memory of {len(memory.captions)} captions saved ({used}; validation Recall@1 {after})"
     return _finish(report, opts, started)
+
+
+def _fit_exemplars(
+    report: TrainReport, val_frozen: dict[str, Any], va_texts: list[str], va_links: list[tuple[int, int]],
+    val_pos: np.ndarray, scorer: Any, kept: list[str], opts: TrainOptions,
+) -> dict[str, float]:
+    """The exemplar weights per direction, fitted on the validation split (leave one picture out).
+
+    Added on top of the cross-attention corrections of the directions where
+    that re-ranker is kept, as search adds them. Also fills ``report.val_saved``
+    (the validation recalls of everything that is saved).
+    """
+    images = val_frozen["img"].numpy()
+    sims = (val_frozen["txt"] @ val_frozen["img"].T).numpy()
+    table = leave_one_out_table(va_texts, images, va_links)
+    base = {d: (scorer_corrections(scorer, val_frozen["states"], val_frozen["mask"], val_frozen["tok"],
+                                   text_queries=d == "text_to_image") if d in kept else None) for d in DIRECTIONS}
+
+    def ranks(direction: str, extra: Any) -> np.ndarray:
+        corrections = combined(base[direction], extra)
+        if direction == "text_to_image":
+            return positive_ranks(sims, val_pos, corrections, opts.mine_k)
+        return positive_ranks(np.ascontiguousarray(sims.T), np.ascontiguousarray(val_pos.T), corrections, opts.mine_k)
+
+    weights, _ = fit_weights(table, lambda d, extra: recalls(ranks(d, extra))["R@1"])
+    report.val_saved = {
+        d: recalls(ranks(d, weighted_corrections(table, weights[d], d == "text_to_image"))) for d in DIRECTIONS
+    }
+    return weights
 
 
 def _finish(report: TrainReport, opts: TrainOptions, started: float) -> TrainReport:

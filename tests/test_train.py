@@ -78,6 +78,7 @@ def test_training_raises_recall_over_the_untrained_model(
 
 def test_model_folder_round_trip(trained: tuple[Path, dict], shapes_pairs: Path, tmp_path: Path) -> None:
     from mmsearch.encode import load_encoder
+    from mmsearch.exemplars import EXEMPLAR_WEIGHTS, ExemplarMemory
     from mmsearch.rerank import RERANKER_WEIGHTS, Reranker
 
     out, report = trained
@@ -85,10 +86,16 @@ def test_model_folder_round_trip(trained: tuple[Path, dict], shapes_pairs: Path,
     assert not list(out.glob("*.pt")) and not list(out.glob("*.bin"))
     info = json.loads((out / "mmsearch_model.json").read_text())
     assert info["reranker_saved"] == report["reranker_saved"] == (out / RERANKER_WEIGHTS).is_file()
+    remembered = any(w > 0 for w in report["exemplar_weights"].values())
+    assert (out / EXEMPLAR_WEIGHTS).is_file() == remembered
+    assert set(report["exemplar_weights"]) == {"text_to_image", "image_to_text"}
+    if remembered:  # every caption of the pair file, validation ones included
+        assert len(ExemplarMemory.load(out).captions) == 16 and report["reranker_saved"]
     if report["reranker_saved"]:
         encoder = load_encoder(str(out), "cpu")
+        vectors, tokens = encoder.embed_images_with_tokens(_pixels(encoder, shapes_pairs))
         ranked = Reranker.load(encoder).rank("a red square", [
-            {"id": 1, "score": 0.5, "tokens": encoder.embed_images_with_tokens(_pixels(encoder, shapes_pairs))[1][0]},
+            {"id": 1, "score": 0.5, "tokens": tokens[0], "vector": vectors[0]},
         ], top_k=1)
         assert ranked[0]["id"] == 1 and isinstance(ranked[0]["score"], float)
     result = CliRunner().invoke(
