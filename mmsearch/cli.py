@@ -597,8 +597,8 @@ def train(
     ),
     epochs: Optional[int] = typer.Option(
         None, "--epochs", metavar="N",
-        help="Dual-encoder epochs; default 20 from scratch, 30 with --base "
-             "(0 with --base: keep its encoder, fit only the re-ranker, e.g. a CoCa's fusion).",
+        help="Dual-encoder epochs; default 30 from scratch, 30 with --base "
+             "(0 with --base: keep its encoder, fit only the re-ranker and exemplar memory, or a CoCa's fusion).",
     ),
     augment: Optional[str] = typer.Option(
         None, "--augment", metavar="KIND",

@@ -3,8 +3,11 @@
 ``mmsearch train`` keeps, for every caption of its pair file, the normalised
 mean embedding of that caption's images: its *exemplar*. When a text query is
 one of those captions, each candidate image's score gains
-``weight × cos(exemplar, image)``; when a candidate text is one, the query
-image is compared with that text's exemplar the same way. So a picture is
+``weight × (cos(exemplar, image) - offset)``; when a candidate text is one,
+the query image is compared with that text's exemplar the same way
+(``offset``, the mean similarity of an exemplar and an unrelated picture,
+keeps a known caption from outranking an unknown one merely for being
+known). So a picture is
 found not only by what the text tower makes of its caption but by how much it
 looks like the pictures the user paired with that caption (another artist's
 drawing of the same thing, another photo of the same dog). Texts that are not
@@ -17,8 +20,8 @@ caption's *other* images (leave one out), and keeps 0 where it does not raise
 validation Recall@1, so a weight of 0 is the plain ranking.
 
 Files in a model folder: ``exemplars.safetensors`` (``vectors``: one float32
-row per caption) and ``exemplars.json`` (the captions in row order and the
-weights). Nothing is pickled. numpy only: no torch import here.
+row per caption) and ``exemplars.json`` (the captions in row order, the
+weights and the offset). Nothing is pickled. numpy only: no torch import here.
 """
 
 from __future__ import annotations
@@ -59,6 +62,9 @@ class ExemplarMemory:
     captions: list[str]
     vectors: np.ndarray
     weights: dict[str, float] = field(default_factory=lambda: {d: 0.0 for d in DIRECTIONS})
+    #: the mean cos(exemplar, picture) of a picture that is not the caption's, subtracted from every
+    #: correction: a candidate text that is a training caption gains only what sets it above a random one
+    offset: float = 0.0
 
     def __post_init__(self) -> None:
         self._rows = {caption_key(c): i for i, c in enumerate(self.captions)}
@@ -101,6 +107,7 @@ class ExemplarMemory:
         known = rows >= 0
         if known.any():
             out[known] = np.einsum("nd,nd->n", self.vectors[rows[known]], np.asarray(image_vectors, np.float32)[known])
+            out[known] -= self.offset
         return out
 
     def text_to_image(self, text: str, image_vectors: np.ndarray) -> np.ndarray:
@@ -124,7 +131,7 @@ class ExemplarMemory:
         weight = self.weights.get(direction, 0.0)
         if weight <= 0:
             return None
-        table = _pair_table(self.vectors, self.rows(texts), image_vectors)
+        table = _pair_table(self.vectors, self.rows(texts), image_vectors, self.offset)
         return weighted_corrections(table, weight, text_queries)
 
     def save(self, folder: Path, info: dict | None = None) -> None:
@@ -132,7 +139,7 @@ class ExemplarMemory:
 
         save_file({"vectors": np.ascontiguousarray(self.vectors, dtype=np.float32)}, str(folder / EXEMPLAR_WEIGHTS))
         config = {"captions": self.captions, "weights": {d: float(self.weights.get(d, 0.0)) for d in DIRECTIONS},
-                  **(info or {})}
+                  "offset": float(self.offset), **(info or {})}
         (folder / EXEMPLAR_CONFIG).write_text(json.dumps(config, ensure_ascii=False))
 
     @classmethod
@@ -148,21 +155,22 @@ class ExemplarMemory:
             vectors = load_file(str(folder / EXEMPLAR_WEIGHTS))["vectors"].astype(np.float32)
             captions = [str(c) for c in config["captions"]]
             weights = {d: float(config.get("weights", {}).get(d, 0.0)) for d in DIRECTIONS}
+            offset = float(config.get("offset", 0.0))
             if vectors.ndim != 2 or len(captions) != len(vectors):
                 raise ValueError(f"{len(captions)} captions for vectors of shape {vectors.shape}")
         except (OSError, ValueError, KeyError, TypeError, AttributeError, SafetensorError) as exc:
             raise RerankerUnavailableError(
                 f"{folder} holds an exemplar memory this tool cannot read ({type(exc).__name__}: {exc})"
             ) from None
-        return cls(captions, vectors, weights)
+        return cls(captions, vectors, weights, offset)
 
 
-def _pair_table(vectors: np.ndarray, text_rows: np.ndarray, image_vectors: np.ndarray) -> np.ndarray:
-    """(texts, images) cos(exemplar of the text, image); 0 for texts without one."""
+def _pair_table(vectors: np.ndarray, text_rows: np.ndarray, image_vectors: np.ndarray, offset: float = 0.0) -> np.ndarray:
+    """(texts, images) cos(exemplar of the text, image) - ``offset``; 0 for texts without one."""
     table = np.zeros((len(text_rows), len(image_vectors)), dtype=np.float32)
     known = text_rows >= 0
     if known.any():
-        table[known] = vectors[text_rows[known]] @ np.asarray(image_vectors, np.float32).T
+        table[known] = vectors[text_rows[known]] @ np.asarray(image_vectors, np.float32).T - offset
     return table
 
 
@@ -194,8 +202,17 @@ def leave_one_out_table(
         members.setdefault(int(rows[text]), set()).add(image)
     for image, text in links:
         others = sorted(members[int(rows[text])] - {image})
-        table[text, image] = float(_unit(image_vectors[others].mean(axis=0, keepdims=True))[0] @ image_vectors[image]) if others else 0.0
+        exemplar = _unit(image_vectors[others].mean(axis=0, keepdims=True))[0] if others else None
+        table[text, image] = float(exemplar @ image_vectors[image]) if exemplar is not None else 0.0
     return table
+
+
+def unrelated_mean(table: np.ndarray, links: Sequence[tuple[int, int]]) -> float:
+    """The mean of a (texts, images) table over the pairs that are not links and have an exemplar."""
+    mask = table != 0
+    for image, text in links:
+        mask[text, image] = False
+    return float(table[mask].mean()) if mask.any() else 0.0
 
 
 def fit_weights(

@@ -39,7 +39,8 @@ import torch.nn.functional as F
 from mmsearch.errors import InputFileError, UsageError
 from mmsearch.evaluate import combined, positive_ranks, recalls, scorer_corrections, text_states_padded
 from mmsearch.exemplars import (
-    EXEMPLAR_CONFIG, EXEMPLAR_WEIGHTS, ExemplarMemory, fit_weights, leave_one_out_table, weighted_corrections,
+    EXEMPLAR_CONFIG, EXEMPLAR_WEIGHTS, ExemplarMemory, fit_weights, leave_one_out_table, unrelated_mean,
+    weighted_corrections,
 )
 from mmsearch.pairs import Pair, group, read_pairs
 from mmsearch.rerank import DIRECTIONS, CaptionReranker, CrossAttentionScorer, save_caption_weights, save_scorer
@@ -48,7 +49,7 @@ from mmsearch.towers import caption_log_likelihood, coca_text_states, encode_tex
 SMALL = "mmsearch-small"
 ARROWS = {"text_to_image": "text→image", "image_to_text": "image→text"}
 #: Default dual-encoder epochs: from scratch (``--base small``), and fine-tuning a pretrained base.
-SMALL_EPOCHS = 40
+SMALL_EPOCHS = 30
 BASE_EPOCHS = 30
 #: Candidate weights of the CoCa fusion (log-likelihood against logit_scale × cosine).
 CAPTION_WEIGHTS = (0.0, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0)
@@ -92,6 +93,8 @@ class TrainReport:
     reranker_directions: list[str] = field(default_factory=list)
     #: per direction, the weight of the exemplar memory (mmsearch.exemplars; 0: not used)
     exemplar_weights: dict[str, float] = field(default_factory=dict)
+    #: subtracted from each exemplar similarity (mmsearch.exemplars.ExemplarMemory.offset)
+    exemplar_offset: float = 0.0
     #: validation recalls with everything saved (kept re-ranker directions plus exemplars)
     val_saved: dict[str, dict[str, float]] = field(default_factory=dict)
     message: str = ""
@@ -723,7 +726,7 @@ def train(opts: TrainOptions, *, progress: bool = True, say: Callable[[str], Non
         tr_texts + va_texts, torch.cat([frozen["img"], val_frozen["img"]]).numpy(),
         list(tr_links) + [(i + len(tr_images), j + len(tr_texts)) for i, j in va_links],
     )
-    memory.weights = dict(report.exemplar_weights)
+    memory.weights, memory.offset = dict(report.exemplar_weights), report.exemplar_offset
     if kept:
         report.message = (f"re-ranker saved (validation Recall@1 {change})" if len(kept) == len(DIRECTIONS) else
                           f"re-ranker saved for {ARROWS[kept[0]]} only: it lowered validation Recall@1 the other way "
@@ -767,6 +770,8 @@ def _fit_exemplars(
             return positive_ranks(sims, val_pos, corrections, opts.mine_k)
         return positive_ranks(np.ascontiguousarray(sims.T), np.ascontiguousarray(val_pos.T), corrections, opts.mine_k)
 
+    report.exemplar_offset = unrelated_mean(table, va_links)
+    table = np.where(table != 0, table - report.exemplar_offset, 0).astype(np.float32)  # as search will see it
     weights, _ = fit_weights(table, lambda d, extra: recalls(ranks(d, extra))["R@1"])
     report.val_saved = {
         d: recalls(ranks(d, weighted_corrections(table, weights[d], d == "text_to_image"))) for d in DIRECTIONS

@@ -1,6 +1,6 @@
 """Time search with and without --rerank on an indexed home (model already loaded).
 
-    python scripts/rerank_latency.py HOME "query one" "query two" ...
+    python scripts/rerank_latency.py HOME "query one" "query two" ... [--reps N]
 
 Prints the median milliseconds per query of text→image search (top 10) alone
 and with re-ranking of the best K=50, the same for image→text with the first
@@ -8,8 +8,8 @@ indexed image as the query (if the home holds texts), and the bytes stored per
 image for the re-ranker.
 """
 
+import argparse
 import statistics
-import sys
 import time
 from pathlib import Path
 
@@ -21,14 +21,19 @@ from mmsearch.search import search
 from mmsearch.settings import resolve
 
 torch.set_num_threads(2)
-home_dir, queries = Path(sys.argv[1]), sys.argv[2:]
+parser = argparse.ArgumentParser()
+parser.add_argument("home", type=Path)
+parser.add_argument("queries", nargs="+")
+parser.add_argument("--reps", type=int, default=3, help="passes over the queries per setting")
+args = parser.parse_args()
+home_dir, queries = args.home, args.queries
 with Home.open(resolve(home=home_dir), create=False) as home:
     search(home, queries[0], k=10)  # load the model once
 
     def timed(**kwargs) -> float:
         runs = []
         todo = kwargs.pop("queries", queries)
-        for _ in range(3):
+        for _ in range(args.reps):
             for q in todo:
                 start = time.perf_counter()
                 search(home, q if "image" not in kwargs else None, **kwargs)

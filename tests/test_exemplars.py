@@ -14,7 +14,7 @@ from mmsearch.cli import app
 from mmsearch.errors import RerankerUnavailableError
 from mmsearch.evaluate import positive_ranks, recalls
 from mmsearch.exemplars import (
-    EXEMPLAR_CONFIG, EXEMPLAR_WEIGHTS, ExemplarMemory, caption_key, fit_weights, leave_one_out_table,
+    EXEMPLAR_CONFIG, EXEMPLAR_WEIGHTS, ExemplarMemory, caption_key, fit_weights, leave_one_out_table, unrelated_mean,
 )
 
 
@@ -74,15 +74,22 @@ def test_fit_keeps_zero_unless_a_weight_raises_recall_at_1() -> None:
     # a table that says nothing never wins a weight
     weights, _ = fit_weights(np.zeros_like(table), score)
     assert weights == {"text_to_image": 0.0, "image_to_text": 0.0}
+    # the offset: the mean over pictures that are not the caption's
+    assert unrelated_mean(table, links) == pytest.approx(float(table[[0, 0, 1, 1], [2, 3, 0, 1]].mean()))
 
 
 def test_save_load_round_trip_and_bad_files_fail_in_one_line(tmp_path: Path) -> None:
     images = unit(np.eye(3, dtype=np.float32))
     memory = ExemplarMemory.build(["a", "b", "c"], images, [(0, 0), (1, 1), (2, 2)])
     memory.weights = {"text_to_image": 2.0, "image_to_text": 0.5}
+    memory.offset = 0.25
     memory.save(tmp_path)
     again = ExemplarMemory.load(tmp_path)
     assert again is not None and again.captions == memory.captions and again.weights == memory.weights
+    assert again.offset == 0.25
+    # a known caption gains w × (cos - offset), an unknown text nothing
+    got = again.image_to_text(images[0], ["a", "b", "unknown"])
+    assert got.tolist() == pytest.approx([0.5 * 0.75, 0.5 * -0.25, 0.0])
     assert np.array_equal(again.vectors, memory.vectors)
     assert ExemplarMemory.load(tmp_path / "nothing-here") is None
     (tmp_path / EXEMPLAR_CONFIG).write_text(json.dumps({"captions": ["a"], "weights": {}}))
