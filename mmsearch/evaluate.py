@@ -181,7 +181,8 @@ def _score(home: Any, images: list[Path], texts: list[str], links: list[tuple[in
             t2i_corr = reranker.corrections(reranker.log_likelihood_table(texts, image_tokens, True), "text_to_image")
             i2t_corr = reranker.corrections(reranker.log_likelihood_table(texts, image_tokens, False), "image_to_text")
         else:
-            text_states, text_mask = text_states_padded(encoder.text_model, encoder.tokenizer, texts, encoder.device)
+            if reranker.directions:  # the scorer's text states, only where it re-scores
+                text_states, text_mask = text_states_padded(encoder.text_model, encoder.tokenizer, texts, encoder.device)
             scorer = reranker.scorer
             if "text_to_image" in reranker.directions:  # elsewhere the dual-encoder ranking, as search gives
                 t2i_corr = scorer_corrections(scorer, text_states, text_mask, image_tokens, text_queries=True)

@@ -35,14 +35,16 @@ import numpy as np
 
 from mmsearch.errors import RerankerUnavailableError
 
+#: (query rows, candidate rows (B, K)) -> (B, K) corrections: the shape of mmsearch.evaluate.Corrections,
+#: spelled out here because evaluate reaches this module through rerank (importing it would close a circle)
+Corrections = Callable[[np.ndarray, np.ndarray], np.ndarray]
+
 EXEMPLAR_WEIGHTS = "exemplars.safetensors"
 EXEMPLAR_CONFIG = "exemplars.json"
 DIRECTIONS = ("text_to_image", "image_to_text")
 #: The weights ``train`` tries per direction (0: the ranking without exemplars).
 WEIGHT_GRID = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0)
 
-#: (query rows, candidate rows (B, K)) -> (B, K) corrections, as in mmsearch.evaluate
-Corrections = Callable[[np.ndarray, np.ndarray], np.ndarray]
 
 
 def caption_key(text: str) -> str:
