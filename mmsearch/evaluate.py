@@ -67,6 +67,18 @@ def combined(*parts: Corrections | None) -> Corrections | None:
     return run
 
 
+def everywhere(scores: np.ndarray, corrections: Corrections | None) -> np.ndarray:
+    """``scores`` (Q, N) with ``corrections`` added to every candidate, not only the top K.
+
+    What a text query's search sees with an exemplar memory: its search vector
+    carries the memory (:meth:`mmsearch.exemplars.ExemplarMemory.expanded_query`).
+    """
+    if corrections is None:
+        return scores
+    rows = np.arange(scores.shape[0])
+    return scores + corrections(rows, np.broadcast_to(np.arange(scores.shape[1]), scores.shape))
+
+
 def recalls(ranks: np.ndarray, ks: tuple[int, ...] = KS) -> dict[str, float]:
     if len(ranks) == 0:
         return {f"R@{k}": 0.0 for k in ks}
@@ -164,7 +176,7 @@ def _score(home: Any, images: list[Path], texts: list[str], links: list[tuple[in
     for i, j in links:
         if i in position:
             positives[j, position[i]] = True
-    sims = txt @ img.T
+    sims = t2i_sims = txt @ img.T
     t2i_corr = i2t_corr = None
     if rerank:
         from mmsearch.rerank import CaptionReranker, Reranker, TokenStore
@@ -189,10 +201,11 @@ def _score(home: Any, images: list[Path], texts: list[str], links: list[tuple[in
             if "image_to_text" in reranker.directions:
                 i2t_corr = scorer_corrections(scorer, text_states, text_mask, image_tokens, text_queries=False)
             if reranker.exemplars is not None:  # the training pictures of known captions (mmsearch.exemplars)
-                t2i_corr = combined(t2i_corr, reranker.exemplars.corrections(texts, img, text_queries=True))
+                # a text query's search vector carries the memory: every image gets it, not only the top K
+                t2i_sims = everywhere(sims, reranker.exemplars.corrections(texts, img, text_queries=True))
                 i2t_corr = combined(i2t_corr, reranker.exemplars.corrections(texts, img, text_queries=False))
     has_image = positives.any(axis=1)
-    t2i = positive_ranks(sims, positives, t2i_corr, rerank_k)[has_image]
+    t2i = positive_ranks(t2i_sims, positives, t2i_corr, rerank_k)[has_image]
     i2t = positive_ranks(np.ascontiguousarray(sims.T), np.ascontiguousarray(positives.T), i2t_corr, rerank_k)
     return {
         "text_to_image": recalls(t2i),

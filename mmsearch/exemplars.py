@@ -127,6 +127,21 @@ class ExemplarMemory:
             return np.zeros(len(texts), dtype=np.float32)
         return weight * self.similarities(self.rows(texts), np.repeat(np.asarray(image_vector)[None], len(texts), 0))
 
+    def expanded_query(self, text: str, vector: np.ndarray) -> np.ndarray | None:
+        """A text query's search vector that ranks every image by dual score + its correction.
+
+        ``q·x + w (e·x − m) = (q + w e)·x − w m``: one nearest-neighbour search
+        with ``q + w e`` ranks the whole collection as re-scoring each image
+        would (the constant ``w m`` aside), so the memory is not limited to the
+        candidates the dual encoder found. None when ``text`` is not a training
+        caption or the text→image weight is 0.
+        """
+        weight = self.weights.get("text_to_image", 0.0)
+        row = int(self.rows([text])[0])
+        if weight <= 0 or row < 0:
+            return None
+        return (np.asarray(vector, dtype=np.float32) + weight * self.vectors[row]).astype(np.float32)
+
     def corrections(self, texts: Sequence[str], image_vectors: np.ndarray, text_queries: bool) -> Corrections | None:
         """A :data:`Corrections` over ``texts`` and ``image_vectors`` (indexed by row), or None at weight 0."""
         direction = "text_to_image" if text_queries else "image_to_text"

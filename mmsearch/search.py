@@ -118,7 +118,8 @@ def search(
             on_warning(message)
     if rerank_k > 0:
         vector, prepared = rerank_query(home, query, image, target, files=files)  # one encoder pass for both
-        hits = nearest(home, vector, target, max(k, rerank_k), index=index)
+        first = memory_search_vector(home, prepared, vector) if target == "image" else None
+        hits = nearest(home, vector if first is None else first, target, max(k, rerank_k), index=index)
         hits = rerank_hits(home, prepared, target, hits, k, rerank_k, vector=vector)
     else:
         vector = query_vector(home, query, image, files=files)
@@ -217,6 +218,25 @@ def rerank_query(
     return _image_with_tokens(encoder, image)
 
 
+def memory_search_vector(home: Home, prepared: Any, vector: np.ndarray) -> np.ndarray | None:
+    """The search vector of a text query that is a training caption of the model's exemplar memory.
+
+    It ranks the whole collection by dual score plus the memory's correction
+    (:meth:`mmsearch.exemplars.ExemplarMemory.expanded_query`), so a picture
+    that looks like the caption's training pictures is found even where the
+    dual encoder alone ranks it past the re-ranked candidates. None otherwise.
+    """
+    from mmsearch.rerank import Reranker, TextStates
+
+    reranker = Reranker.load(home.encoder())
+    if not isinstance(reranker, Reranker) or not isinstance(prepared, TextStates):
+        return None
+    if not reranker.uses_exemplars("text_to_image"):
+        return None
+    assert reranker.exemplars is not None
+    return reranker.exemplars.expanded_query(prepared.text, vector)
+
+
 def rerank_hits(
     home: Home, prepared: Any, target: str, hits: list[Hit], k: int, rerank_k: int, *, vector: np.ndarray | None = None
 ) -> list[Hit]:
@@ -226,7 +246,7 @@ def rerank_hits(
     the query's search vector (an exemplar memory compares an image query's
     vector with the candidate texts' exemplars).
     """
-    from mmsearch.rerank import Reranker, TokenStore
+    from mmsearch.rerank import Reranker, TextStates, TokenStore
 
     encoder = home.encoder()
     reranker = Reranker.load(encoder)
@@ -241,11 +261,22 @@ def rerank_hits(
             for i, tokens in zip(missing, _images_tokens(encoder, [Path(str(head[i].path)) for i in missing])):
                 stored[i] = tokens
         candidates = [{"id": hit.id, "score": hit.score, "tokens": tokens} for hit, tokens in zip(head, stored)]
-        if reranker.uses_exemplars("text_to_image") and head:
+        if reranker.uses_exemplars("text_to_image") and hits:
+            # the hits may come from the memory's search vector (memory_search_vector): each one's dual
+            # score is recomputed from its stored vector, and the re-ranker adds the memory to it
             dim = home.dim or 0
-            vectors = home.catalog.vectors("image", [int(h.id) for h in head], dim)
-            for candidate in candidates:  # one removed since the search gets no correction
+            vectors = home.catalog.vectors("image", [int(h.id) for h in hits], dim)
+            text = prepared.text if isinstance(prepared, TextStates) else str(prepared)
+            for hit in hits:
+                if int(hit.id) in vectors and vector is not None:
+                    hit.score = float(np.asarray(vector, np.float32) @ vectors[int(hit.id)])
+            for candidate, hit in zip(candidates, head):  # one removed since the search gets no correction
+                candidate["score"] = hit.score
                 candidate["vector"] = vectors.get(int(candidate["id"]), np.zeros(dim, dtype=np.float32))
+            for hit in rest:  # past the re-ranked ones: dual score + the memory, as they were ranked
+                if int(hit.id) in vectors:
+                    hit.extra["dual_score"] = round(float(hit.score), 6)
+                    hit.score += float(reranker.exemplars.text_to_image(text, vectors[int(hit.id)][None])[0])
     else:
         candidates = [{"id": h.id, "score": h.score, "text": h.text or ""} for h in head]
     scores = reranker.score(prepared, candidates, query_vector=vector)

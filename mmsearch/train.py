@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from mmsearch.errors import InputFileError, UsageError
-from mmsearch.evaluate import combined, positive_ranks, recalls, scorer_corrections, text_states_padded
+from mmsearch.evaluate import combined, everywhere, positive_ranks, recalls, scorer_corrections, text_states_padded
 from mmsearch.exemplars import (
     EXEMPLAR_CONFIG, EXEMPLAR_WEIGHTS, ExemplarMemory, fit_weights, leave_one_out_table, unrelated_mean,
     weighted_corrections,
@@ -765,9 +765,9 @@ def _fit_exemplars(
                                    text_queries=d == "text_to_image") if d in kept else None) for d in DIRECTIONS}
 
     def ranks(direction: str, extra: Any) -> np.ndarray:
+        if direction == "text_to_image":  # as search applies it: to every image (see evaluate.everywhere)
+            return positive_ranks(everywhere(sims, extra), val_pos, base[direction], opts.mine_k)
         corrections = combined(base[direction], extra)
-        if direction == "text_to_image":
-            return positive_ranks(sims, val_pos, corrections, opts.mine_k)
         return positive_ranks(np.ascontiguousarray(sims.T), np.ascontiguousarray(val_pos.T), corrections, opts.mine_k)
 
     report.exemplar_offset = unrelated_mean(table, va_links)

@@ -41,6 +41,23 @@ def test_memory_averages_each_captions_pictures_and_matches_case_and_spacing() -
     assert np.array_equal(memory.text_to_image("a cat", images), np.zeros(3, dtype=np.float32))
 
 
+def test_the_expanded_query_ranks_every_image_as_re_scoring_each_would() -> None:
+    rng = np.random.default_rng(1)
+    images = unit(rng.normal(size=(200, 16)))
+    memory = ExemplarMemory.build(["a cat", "a dog"], images[:4], [(0, 0), (1, 0), (2, 1), (3, 1)])
+    memory.weights = {"text_to_image": 3.0, "image_to_text": 0.0}
+    memory.offset = 0.1
+    query = unit(rng.normal(size=16))
+    expanded = memory.expanded_query("A  Cat", query)
+    assert expanded is not None
+    re_scored = images @ query + memory.text_to_image("a cat", images)
+    assert np.argsort(-(images @ expanded)).tolist() == np.argsort(-re_scored).tolist()
+    assert np.allclose(images @ expanded - 3.0 * 0.1, re_scored, atol=1e-5)
+    assert memory.expanded_query("a bird", query) is None  # not a training caption: the plain query
+    memory.weights["text_to_image"] = 0.0
+    assert memory.expanded_query("a cat", query) is None
+
+
 def test_leave_one_out_compares_a_picture_with_its_captions_other_pictures_only() -> None:
     rng = np.random.default_rng(0)
     images = unit(rng.normal(size=(5, 8)))
@@ -136,6 +153,12 @@ def test_search_and_eval_rerank_use_the_memory_both_ways(
     other = lines(run(home, folder, "search", "something else", "--json", "-k", "6", "--rerank").stdout)
     assert [h["id"] for h in other] == [h["id"] for h in other_plain]
 
+    # the memory reaches past the re-ranked candidates: re-scoring only the dual encoder's best one finds it too
+    only_one = lines(run(home, folder, "search", "a red picture", "--json", "-k", "1", "--rerank", "--rerank-k", "1").stdout)
+    assert Path(only_one[0]["path"]) == last
+    assert only_one[0]["dual_score"] == pytest.approx(plain[-1]["score"], abs=1e-5)
+    assert only_one[0]["score"] == pytest.approx(reranked[0]["score"], abs=1e-5)
+
     texts_plain = lines(run(home, folder, "search", "--image", str(last), "--texts", "--json", "-k", "6").stdout)
     texts = lines(run(home, folder, "search", "--image", str(last), "--texts", "--json", "-k", "6", "--rerank").stdout)
     assert texts[0]["text"] == "a red picture"  # the query image is that caption's exemplar
@@ -150,9 +173,9 @@ def test_eval_rerank_adds_the_memory(untrained_rerank_model: Path, photo_dir: Pa
     folder = tmp_path / "model"
     shutil.copytree(untrained_rerank_model, folder)
 
-    def evaluate(name: str) -> dict:
+    def evaluate(name: str, *extra: str) -> dict:
         result = CliRunner().invoke(app, ["--home", str(tmp_path / name), "eval", str(pairs), "--model", str(folder),
-                                          "--rerank", "--json", "--quiet"], catch_exceptions=False)
+                                          "--rerank", "--json", "--quiet", *extra], catch_exceptions=False)
         assert result.exit_code == 0, result.output
         return json.loads(result.stdout.strip().splitlines()[-1])
 
@@ -161,3 +184,5 @@ def test_eval_rerank_adds_the_memory(untrained_rerank_model: Path, photo_dir: Pa
     remembered = evaluate("after")
     assert remembered["text_to_image"]["R@1"] == remembered["image_to_text"]["R@1"] == 1.0
     assert without["text_to_image"]["R@1"] < 1.0 or without["image_to_text"]["R@1"] < 1.0
+    # text→image: the memory ranks every image, as search's expanded query does, whatever --rerank-k
+    assert evaluate("one", "--rerank-k", "1")["text_to_image"]["R@1"] == 1.0
