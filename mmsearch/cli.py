@@ -597,7 +597,7 @@ def train(
     ),
     epochs: Optional[int] = typer.Option(
         None, "--epochs", metavar="N",
-        help="Dual-encoder epochs; default 30 from scratch, 30 with --base "
+        help="Dual-encoder epochs; default 35 from scratch, 30 with --base "
              "(0 with --base: keep its encoder, fit only the re-ranker and exemplar memory, or a CoCa's fusion).",
     ),
     augment: Optional[str] = typer.Option(
@@ -606,8 +606,10 @@ def train(
              "saturation; the default from scratch) or shift (zoom and shift only; the default with --base).",
     ),
     rerank_epochs: int = typer.Option(2, "--rerank-epochs", metavar="N", help="Re-ranker epochs."),
-    batch: int = typer.Option(128, "--train-batch", metavar="N", help="Pairs per contrastive batch."),
-    lr: Optional[float] = typer.Option(None, "--lr", help="Learning rate (default 1e-3 from scratch, 1e-5 from a base)."),
+    batch: Optional[int] = typer.Option(
+        None, "--train-batch", metavar="N", help="Pairs per contrastive batch (default 256 from scratch on 2,048 training pairs or more, else 128).",
+    ),
+    lr: Optional[float] = typer.Option(None, "--lr", help="Learning rate (default from scratch 1.4e-3 in batches of 256 or more, else 1e-3; 1e-5 from a base)."),
     seed: int = typer.Option(0, "--seed", help="Seed for the split, the order and the initialisation."),
     val_fraction: float = typer.Option(0.1, "--val-fraction", help="Share of texts held out for validation."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as one JSON object."),

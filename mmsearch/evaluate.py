@@ -27,15 +27,21 @@ KS = (1, 5, 10)
 Corrections = Callable[[np.ndarray, np.ndarray], np.ndarray]
 
 
+#: extra(query index) -> candidate indices to re-rank besides the query's top K
+ExtraCandidates = Callable[[int], np.ndarray]
+
+
 def positive_ranks(
     scores: np.ndarray, positives: np.ndarray, corrections: Corrections | None = None, rerank_k: int = 50,
-    chunk: int = 32,
+    chunk: int = 32, extra: ExtraCandidates | None = None,
 ) -> np.ndarray:
     """0-based rank of each query's best-placed positive (``len`` if it has none).
 
     ``scores`` (Q, N) are dual-encoder scores, ``positives`` a (Q, N) bool
     matrix. With ``corrections``, each query's top ``rerank_k`` candidates are
-    re-ordered by score + correction; the rest keep their places.
+    re-ordered by score + correction; the rest keep their places. ``extra``
+    adds candidates per query to those re-ordered (as
+    :func:`mmsearch.search.memory_text_candidates` does); the rest follow them.
     """
     q_count, n = scores.shape
     ranks = np.full(q_count, n, dtype=np.int64)
@@ -43,7 +49,15 @@ def positive_ranks(
     for start in range(0, q_count, chunk):
         rows = np.arange(start, min(q_count, start + chunk))
         order = np.argsort(-scores[rows], axis=1, kind="stable")
-        if corrections is not None and k > 0:
+        if corrections is not None and k > 0 and extra is not None:
+            for b, row in enumerate(rows.tolist()):
+                top = order[b, :k]
+                more = np.asarray(extra(row), dtype=np.int64)
+                cands = np.concatenate([top, more[~np.isin(more, top)]])
+                final = scores[row, cands] + corrections(np.array([row]), cands[None])[0]
+                head = cands[np.argsort(-final, kind="stable")]
+                order[b] = np.concatenate([head, order[b][~np.isin(order[b], head)]])
+        elif corrections is not None and k > 0:
             top = order[:, :k]
             final = np.take_along_axis(scores[rows], top, axis=1) + corrections(rows, top)
             order[:, :k] = np.take_along_axis(top, np.argsort(-final, axis=1, kind="stable"), axis=1)
@@ -63,6 +77,22 @@ def combined(*parts: Corrections | None) -> Corrections | None:
 
     def run(rows: np.ndarray, cands: np.ndarray) -> np.ndarray:
         return sum(p(rows, cands) for p in present)
+
+    return run
+
+
+def memory_text_candidates(memory: Any, texts: list[str], image_vectors: np.ndarray, n: int) -> ExtraCandidates:
+    """Per image query, the texts of the ``n`` captions whose exemplars are most like it (search's candidates)."""
+    rows = memory.rows(texts)
+    by_row: dict[int, list[int]] = {}
+    for j, row in enumerate(rows.tolist()):
+        if row >= 0:
+            by_row.setdefault(row, []).append(j)
+    among = np.fromiter(by_row, dtype=np.int64, count=len(by_row))
+
+    def run(query: int) -> np.ndarray:
+        best = memory.closest_rows(image_vectors[query], among, n)
+        return np.array([j for r in best.tolist() for j in by_row[r]], dtype=np.int64)
 
     return run
 
@@ -178,6 +208,7 @@ def _score(home: Any, images: list[Path], texts: list[str], links: list[tuple[in
             positives[j, position[i]] = True
     sims = t2i_sims = txt @ img.T
     t2i_corr = i2t_corr = None
+    i2t_extra: ExtraCandidates | None = None
     if rerank:
         from mmsearch.rerank import CaptionReranker, Reranker, TokenStore
 
@@ -204,9 +235,12 @@ def _score(home: Any, images: list[Path], texts: list[str], links: list[tuple[in
                 # a text query's search vector carries the memory: every image gets it, not only the top K
                 t2i_sims = everywhere(sims, reranker.exemplars.corrections(texts, img, text_queries=True))
                 i2t_corr = combined(i2t_corr, reranker.exemplars.corrections(texts, img, text_queries=False))
+                if reranker.uses_exemplars("image_to_text"):
+                    i2t_extra = memory_text_candidates(reranker.exemplars, texts, img, rerank_k)
     has_image = positives.any(axis=1)
     t2i = positive_ranks(t2i_sims, positives, t2i_corr, rerank_k)[has_image]
-    i2t = positive_ranks(np.ascontiguousarray(sims.T), np.ascontiguousarray(positives.T), i2t_corr, rerank_k)
+    i2t = positive_ranks(np.ascontiguousarray(sims.T), np.ascontiguousarray(positives.T), i2t_corr, rerank_k,
+                         extra=i2t_extra)
     return {
         "text_to_image": recalls(t2i),
         "image_to_text": recalls(i2t),

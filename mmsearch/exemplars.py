@@ -142,6 +142,18 @@ class ExemplarMemory:
             return None
         return (np.asarray(vector, dtype=np.float32) + weight * self.vectors[row]).astype(np.float32)
 
+    def closest_rows(self, image_vector: np.ndarray, among: np.ndarray, n: int) -> np.ndarray:
+        """The ``n`` rows of ``among`` whose exemplars are most like an image, best first.
+
+        An image query's candidate texts besides the dual encoder's: the texts
+        of these captions are those the memory lifts most.
+        """
+        among = np.asarray(among, dtype=np.int64)
+        if n <= 0 or len(among) == 0:
+            return np.zeros(0, dtype=np.int64)
+        sims = self.vectors[among] @ np.asarray(image_vector, dtype=np.float32)
+        return among[np.argsort(-sims, kind="stable")[:n]]
+
     def corrections(self, texts: Sequence[str], image_vectors: np.ndarray, text_queries: bool) -> Corrections | None:
         """A :data:`Corrections` over ``texts`` and ``image_vectors`` (indexed by row), or None at weight 0."""
         direction = "text_to_image" if text_queries else "image_to_text"

@@ -23,6 +23,7 @@ from mmsearch.schema import Kind
 
 if TYPE_CHECKING:
     from mmsearch.encode import Encoder
+    from mmsearch.exemplars import ExemplarMemory
     from mmsearch.index import VectorIndex
 
 __all__ = [
@@ -120,6 +121,11 @@ def search(
         vector, prepared = rerank_query(home, query, image, target, files=files)  # one encoder pass for both
         first = memory_search_vector(home, prepared, vector) if target == "image" else None
         hits = nearest(home, vector if first is None else first, target, max(k, rerank_k), index=index)
+        extra = memory_text_candidates(home, vector, hits[:rerank_k], rerank_k) if target == "text" else []
+        if extra:  # re-scored with the dual encoder's best rerank_k; the rest keep their places after them
+            taken = {h.id for h in extra}
+            head = hits[:rerank_k] + extra
+            hits, rerank_k = head + [h for h in hits[rerank_k:] if h.id not in taken], len(head)
         hits = rerank_hits(home, prepared, target, hits, k, rerank_k, vector=vector)
     else:
         vector = query_vector(home, query, image, files=files)
@@ -235,6 +241,49 @@ def memory_search_vector(home: Home, prepared: Any, vector: np.ndarray) -> np.nd
         return None
     assert reranker.exemplars is not None
     return reranker.exemplars.expanded_query(prepared.text, vector)
+
+
+def memory_text_candidates(home: Home, vector: np.ndarray, found: list[Hit], n: int) -> list[Hit]:
+    """Texts an image query's exemplar memory lifts most, besides the dual encoder's ``found``.
+
+    The texts of the ``n`` training captions whose exemplars are most like the
+    query image (:meth:`mmsearch.exemplars.ExemplarMemory.closest_rows`), each
+    with its dual score, so that re-ranking can put a known caption first even
+    where the dual encoder alone ranked it past the re-ranked candidates.
+    Empty when the model's memory does not re-rank image→text.
+    """
+    from mmsearch.rerank import Reranker
+
+    reranker = Reranker.load(home.encoder())
+    if not isinstance(reranker, Reranker) or not reranker.uses_exemplars("image_to_text"):
+        return []
+    assert reranker.exemplars is not None
+    by_row = caption_texts(home, reranker.exemplars)
+    rows = reranker.exemplars.closest_rows(vector, np.fromiter(by_row, dtype=np.int64, count=len(by_row)), n)
+    seen = {h.id for h in found}
+    ids = [i for r in rows.tolist() for i in by_row[r]]
+    vectors = home.catalog.vectors("text", ids, home.dim or 0)
+    pairs = [(float(np.asarray(vector, np.float32) @ vectors[i]), i) for i in ids if i in vectors]
+    return [h for h in _resolve(home, pairs, "text") if h.id not in seen]
+
+
+def caption_texts(home: Home, memory: "ExemplarMemory") -> dict[int, list[int]]:
+    """Each memory row that some stored text is a caption of → those texts' catalog ids.
+
+    Read from the catalog once per generation of its texts and kept with the
+    open home (a long-lived process reads it once).
+    """
+    generation = home.catalog.generation("text")
+    cached = home.derived.get(("exemplar-texts", "text"))
+    if cached is not None and cached[0] == generation and cached[1][0] is memory:
+        return cached[1][1]
+    by_row: dict[int, list[int]] = {}
+    for chunk in home.catalog.iter_texts():
+        for (i, _), row in zip(chunk, memory.rows([t for _, t in chunk]).tolist()):
+            if row >= 0:
+                by_row.setdefault(row, []).append(i)
+    home.derived[("exemplar-texts", "text")] = (generation, (memory, by_row))
+    return by_row
 
 
 def rerank_hits(

@@ -361,6 +361,18 @@ class Catalog:
                     out[i] = {"key": key, "text": text, "meta": json.loads(meta) if meta else None}
         return out
 
+    def iter_texts(self, chunk: int = 20000) -> Iterator[list[tuple[int, str]]]:
+        """All ``(id, text)`` rows, in id order, ``chunk`` rows at a time."""
+        last = -1
+        with self._reading() as conn:
+            while True:
+                stmt = select(TextRow.id, TextRow.text).where(TextRow.id > last).order_by(TextRow.id).limit(chunk)
+                rows = [(int(i), str(t)) for i, t in conn.execute(stmt)]
+                if not rows:
+                    return
+                yield rows
+                last = rows[-1][0]
+
     # -- both ---------------------------------------------------------------
 
     def count(self, kind: Kind) -> int:

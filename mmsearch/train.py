@@ -49,8 +49,25 @@ from mmsearch.towers import caption_log_likelihood, coca_text_states, encode_tex
 SMALL = "mmsearch-small"
 ARROWS = {"text_to_image": "text→image", "image_to_text": "image→text"}
 #: Default dual-encoder epochs: from scratch (``--base small``), and fine-tuning a pretrained base.
-SMALL_EPOCHS = 30
+SMALL_EPOCHS = 35
 BASE_EPOCHS = 30
+#: Default pairs per contrastive batch: from scratch on a set of at least SMALL_BATCH_STEPS such
+#: batches, else (and fine-tuning a base) BASE_BATCH, so that a small set still gets several steps an epoch.
+SMALL_BATCH, BASE_BATCH, SMALL_BATCH_STEPS = 256, 128, 8
+#: Default learning rates from scratch (batches of SMALL_BATCH or more, and smaller ones) and from a base.
+SMALL_LR, SMALL_LR_FEW, BASE_LR = 1.4e-3, 1e-3, 1e-5
+
+
+def default_batch(scratch: bool, train_pairs: int) -> int:
+    """Pairs per batch when ``--train-batch`` is not given."""
+    return SMALL_BATCH if scratch and train_pairs >= SMALL_BATCH * SMALL_BATCH_STEPS else BASE_BATCH
+
+
+def default_lr(scratch: bool, batch: int) -> float:
+    """The learning rate when ``--lr`` is not given."""
+    if not scratch:
+        return BASE_LR
+    return SMALL_LR if batch >= SMALL_BATCH else SMALL_LR_FEW
 #: Candidate weights of the CoCa fusion (log-likelihood against logit_scale × cosine).
 CAPTION_WEIGHTS = (0.0, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0)
 #: CoCa's own balance of its captioning loss against the contrastive one.
@@ -66,8 +83,8 @@ class TrainOptions:
     base: str = "small"
     epochs: int | None = None  # default: SMALL_EPOCHS from scratch, BASE_EPOCHS from a pretrained base
     augment: str | None = None  # one of AUGMENTS; default: style from scratch, shift from a pretrained base
-    batch_size: int = 128
-    lr: float | None = None  # default: 1e-3 from scratch, 1e-5 from a pretrained base
+    batch_size: int | None = None  # default: default_batch()
+    lr: float | None = None  # default: default_lr()
     seed: int = 0
     val_fraction: float = 0.1
     rerank_epochs: int = 2
@@ -665,17 +682,18 @@ def train(opts: TrainOptions, *, progress: bool = True, say: Callable[[str], Non
         raise UsageError(f"--augment must be one of {', '.join(AUGMENTS)}, got {opts.augment!r}")
     if opts.epochs < 0 or (opts.epochs == 0 and opts.base == "small") or opts.rerank_epochs < 0:
         raise UsageError("--epochs must be at least 1 (0 only with a --base, to fit its re-ranker alone)")
-    if opts.batch_size < 2:
-        raise UsageError(f"--batch-size must be at least 2 for contrastive training, got {opts.batch_size}")
+    if opts.batch_size is not None and opts.batch_size < 2:
+        raise UsageError(f"--train-batch must be at least 2 for contrastive training, got {opts.batch_size}")
     torch.manual_seed(opts.seed)
     pairs = read_pairs(opts.pairs)
     train_pairs, val_pairs = _split(pairs, opts.val_fraction, opts.seed)
+    opts = replace(opts, batch_size=opts.batch_size or default_batch(scratch, len(train_pairs)))
     opts.out.mkdir(parents=True, exist_ok=True)
 
     model, tokenizer, model_cfg, preprocess_cfg, preprocess = _base_model(opts.base, opts.device)
     size = preprocess_cfg["size"]
     size = int(max(size) if isinstance(size, list) else size)
-    lr = opts.lr if opts.lr is not None else (1e-3 if opts.base == "small" else 1e-5)
+    lr = opts.lr if opts.lr is not None else default_lr(scratch, opts.batch_size)
 
     tr_images, tr_texts, tr_links = group(train_pairs)
     pixels = _load_pixels(tr_images, preprocess, size)
@@ -768,7 +786,10 @@ def _fit_exemplars(
         if direction == "text_to_image":  # as search applies it: to every image (see evaluate.everywhere)
             return positive_ranks(everywhere(sims, extra), val_pos, base[direction], opts.mine_k)
         corrections = combined(base[direction], extra)
-        return positive_ranks(np.ascontiguousarray(sims.T), np.ascontiguousarray(val_pos.T), corrections, opts.mine_k)
+        # as search does: the texts the memory lifts most are re-ranked too (evaluate.memory_text_candidates)
+        lifted = None if extra is None else (lambda image: np.argsort(-table[:, image], kind="stable")[:opts.mine_k])
+        return positive_ranks(np.ascontiguousarray(sims.T), np.ascontiguousarray(val_pos.T), corrections, opts.mine_k,
+                              extra=lifted)
 
     report.exemplar_offset = unrelated_mean(table, va_links)
     table = np.where(table != 0, table - report.exemplar_offset, 0).astype(np.float32)  # as search will see it

@@ -163,6 +163,13 @@ def test_search_and_eval_rerank_use_the_memory_both_ways(
     texts = lines(run(home, folder, "search", "--image", str(last), "--texts", "--json", "-k", "6", "--rerank").stdout)
     assert texts[0]["text"] == "a red picture"  # the query image is that caption's exemplar
     assert [h["text"] for h in texts[1:]] == [h["text"] for h in texts_plain if h["text"] != "a red picture"]
+    # and past the re-ranked candidates: with only the dual encoder's best text re-scored, the caption still wins
+    assert texts_plain[0]["text"] != "a red picture"
+    one = lines(run(home, folder, "search", "--image", str(last), "--texts", "--json", "-k", "2", "--rerank",
+                    "--rerank-k", "1").stdout)
+    assert [h["text"] for h in one] == ["a red picture", texts_plain[0]["text"]]
+    assert one[0]["dual_score"] == pytest.approx(next(h["score"] for h in texts_plain if h["text"] == "a red picture"),
+                                                 abs=1e-5)
 
 
 def test_eval_rerank_adds_the_memory(untrained_rerank_model: Path, photo_dir: Path, tmp_path: Path) -> None:
@@ -184,5 +191,6 @@ def test_eval_rerank_adds_the_memory(untrained_rerank_model: Path, photo_dir: Pa
     remembered = evaluate("after")
     assert remembered["text_to_image"]["R@1"] == remembered["image_to_text"]["R@1"] == 1.0
     assert without["text_to_image"]["R@1"] < 1.0 or without["image_to_text"]["R@1"] < 1.0
-    # text→image: the memory ranks every image, as search's expanded query does, whatever --rerank-k
-    assert evaluate("one", "--rerank-k", "1")["text_to_image"]["R@1"] == 1.0
+    # the memory reaches past the re-ranked candidates both ways, as search does, whatever --rerank-k
+    one = evaluate("one", "--rerank-k", "1")
+    assert one["text_to_image"]["R@1"] == one["image_to_text"]["R@1"] == 1.0

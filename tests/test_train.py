@@ -242,3 +242,13 @@ def test_a_resnet_resumed_mid_run_ends_where_an_unbroken_run_does(
     assert unbroken.keys() == resumed.keys()
     differ = [k for k in unbroken if not torch.allclose(unbroken[k], resumed[k], atol=1e-6)]
     assert not differ, differ
+
+
+def test_default_batches_are_large_only_for_sets_that_fill_several_of_them() -> None:
+    from mmsearch.train import BASE_BATCH, SMALL_BATCH, SMALL_BATCH_STEPS, default_batch, default_lr
+
+    enough = SMALL_BATCH * SMALL_BATCH_STEPS
+    assert default_batch(True, enough) == SMALL_BATCH
+    assert default_batch(True, enough - 1) == BASE_BATCH  # a small set keeps several steps an epoch
+    assert default_batch(False, 10 * enough) == BASE_BATCH  # fine-tuning a base
+    assert default_lr(True, SMALL_BATCH) > default_lr(True, BASE_BATCH) > default_lr(False, SMALL_BATCH)
