@@ -56,6 +56,12 @@ BASE_EPOCHS = 30
 SMALL_BATCH, BASE_BATCH, SMALL_BATCH_STEPS = 256, 128, 8
 #: Default learning rates from scratch (batches of SMALL_BATCH or more, and smaller ones) and from a base.
 SMALL_LR, SMALL_LR_FEW, BASE_LR = 1.4e-3, 1e-3, 1e-5
+#: Candidate weights of the CoCa fusion (log-likelihood against logit_scale × cosine).
+CAPTION_WEIGHTS = (0.0, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0)
+#: CoCa's own balance of its captioning loss against the contrastive one.
+CAPTION_LOSS_WEIGHT = 2.0
+CHECKPOINT = ".checkpoint"
+INFO_FILE = "mmsearch_model.json"
 
 
 def default_batch(scratch: bool, train_pairs: int) -> int:
@@ -68,12 +74,6 @@ def default_lr(scratch: bool, batch: int) -> float:
     if not scratch:
         return BASE_LR
     return SMALL_LR if batch >= SMALL_BATCH else SMALL_LR_FEW
-#: Candidate weights of the CoCa fusion (log-likelihood against logit_scale × cosine).
-CAPTION_WEIGHTS = (0.0, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0)
-#: CoCa's own balance of its captioning loss against the contrastive one.
-CAPTION_LOSS_WEIGHT = 2.0
-CHECKPOINT = ".checkpoint"
-INFO_FILE = "mmsearch_model.json"
 
 
 @dataclass

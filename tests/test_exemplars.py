@@ -194,3 +194,22 @@ def test_eval_rerank_adds_the_memory(untrained_rerank_model: Path, photo_dir: Pa
     # the memory reaches past the re-ranked candidates both ways, as search does, whatever --rerank-k
     one = evaluate("one", "--rerank-k", "1")
     assert one["text_to_image"]["R@1"] == one["image_to_text"]["R@1"] == 1.0
+
+
+def test_a_long_lived_library_sees_training_captions_added_after_its_first_search(
+    untrained_rerank_model: Path, photo_dir: Path, tmp_path: Path
+) -> None:
+    from mmsearch.library import Library
+
+    folder = tmp_path / "model"
+    shutil.copytree(untrained_rerank_model, folder)
+    picture = photo_dir / "red.jpg"
+    _remember(folder, {"a scarlet thing": picture})
+    with Library.open(tmp_path / "home", model=str(folder)) as library:
+        library.add_images([str(photo_dir)], progress=False)
+        library.add_texts(["black", "white", "something yellow"])
+        before = library.search(image=picture, target="text", k=4, rerank_k=1)
+        assert "a scarlet thing" not in [h.text for h in before]
+        library.add_texts(["a scarlet thing"])  # a training caption, stored after the memory's map was read
+        after = library.search(image=picture, target="text", k=4, rerank_k=1)
+        assert after[0].text == "a scarlet thing"
