@@ -83,18 +83,8 @@ def combined(*parts: Corrections | None) -> Corrections | None:
 
 def memory_text_candidates(memory: Any, texts: list[str], image_vectors: np.ndarray, n: int) -> ExtraCandidates:
     """Per image query, the texts of the ``n`` captions whose exemplars are most like it (search's candidates)."""
-    rows = memory.rows(texts)
-    by_row: dict[int, list[int]] = {}
-    for j, row in enumerate(rows.tolist()):
-        if row >= 0:
-            by_row.setdefault(row, []).append(j)
-    among = np.fromiter(by_row, dtype=np.int64, count=len(by_row))
-
-    def run(query: int) -> np.ndarray:
-        best = memory.closest_rows(image_vectors[query], among, n)
-        return np.array([j for r in best.tolist() for j in by_row[r]], dtype=np.int64)
-
-    return run
+    by_row = memory.group_texts(texts)
+    return lambda query: np.array(memory.lifted_texts(image_vectors[query], by_row, n), dtype=np.int64)
 
 
 def everywhere(scores: np.ndarray, corrections: Corrections | None) -> np.ndarray:

@@ -46,7 +46,6 @@ DIRECTIONS = ("text_to_image", "image_to_text")
 WEIGHT_GRID = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0)
 
 
-
 def caption_key(text: str) -> str:
     """The form in which a text is looked up among the training captions."""
     return " ".join(str(text).lower().split())
@@ -142,17 +141,25 @@ class ExemplarMemory:
             return None
         return (np.asarray(vector, dtype=np.float32) + weight * self.vectors[row]).astype(np.float32)
 
-    def closest_rows(self, image_vector: np.ndarray, among: np.ndarray, n: int) -> np.ndarray:
-        """The ``n`` rows of ``among`` whose exemplars are most like an image, best first.
+    def group_texts(self, texts: Sequence[str]) -> dict[int, list[int]]:
+        """Each memory row that some of ``texts`` are captions of → their positions in ``texts``."""
+        by_row: dict[int, list[int]] = {}
+        for position, row in enumerate(self.rows(texts).tolist()):
+            if row >= 0:
+                by_row.setdefault(row, []).append(position)
+        return by_row
 
-        An image query's candidate texts besides the dual encoder's: the texts
-        of these captions are those the memory lifts most.
+    def lifted_texts(self, image_vector: np.ndarray, by_row: dict[int, list[int]], n: int) -> list[int]:
+        """The texts (values of ``by_row``) of the ``n`` captions whose exemplars are most like an image.
+
+        An image query's candidate texts besides the dual encoder's: those the
+        memory lifts most. ``by_row`` is :meth:`group_texts` of the stored texts.
         """
-        among = np.asarray(among, dtype=np.int64)
-        if n <= 0 or len(among) == 0:
-            return np.zeros(0, dtype=np.int64)
-        sims = self.vectors[among] @ np.asarray(image_vector, dtype=np.float32)
-        return among[np.argsort(-sims, kind="stable")[:n]]
+        if n <= 0 or not by_row:
+            return []
+        rows = np.fromiter(by_row, dtype=np.int64, count=len(by_row))
+        sims = self.vectors[rows] @ np.asarray(image_vector, dtype=np.float32)
+        return [t for r in rows[np.argsort(-sims, kind="stable")[:n]].tolist() for t in by_row[r]]
 
     def corrections(self, texts: Sequence[str], image_vectors: np.ndarray, text_queries: bool) -> Corrections | None:
         """A :data:`Corrections` over ``texts`` and ``image_vectors`` (indexed by row), or None at weight 0."""

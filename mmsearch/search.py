@@ -247,7 +247,7 @@ def memory_text_candidates(home: Home, vector: np.ndarray, found: list[Hit], n: 
     """Texts an image query's exemplar memory lifts most, besides the dual encoder's ``found``.
 
     The texts of the ``n`` training captions whose exemplars are most like the
-    query image (:meth:`mmsearch.exemplars.ExemplarMemory.closest_rows`), each
+    query image (:meth:`mmsearch.exemplars.ExemplarMemory.lifted_texts`), each
     with its dual score, so that re-ranking can put a known caption first even
     where the dual encoder alone ranked it past the re-ranked candidates.
     Empty when the model's memory does not re-rank image→text.
@@ -258,10 +258,8 @@ def memory_text_candidates(home: Home, vector: np.ndarray, found: list[Hit], n: 
     if not isinstance(reranker, Reranker) or not reranker.uses_exemplars("image_to_text"):
         return []
     assert reranker.exemplars is not None
-    by_row = caption_texts(home, reranker.exemplars)
-    rows = reranker.exemplars.closest_rows(vector, np.fromiter(by_row, dtype=np.int64, count=len(by_row)), n)
+    ids = reranker.exemplars.lifted_texts(vector, caption_texts(home, reranker.exemplars), n)
     seen = {h.id for h in found}
-    ids = [i for r in rows.tolist() for i in by_row[r]]
     vectors = home.catalog.vectors("text", ids, home.dim or 0)
     pairs = [(float(np.asarray(vector, np.float32) @ vectors[i]), i) for i in ids if i in vectors]
     return [h for h in _resolve(home, pairs, "text") if h.id not in seen]
@@ -279,9 +277,8 @@ def caption_texts(home: Home, memory: "ExemplarMemory") -> dict[int, list[int]]:
         return cached[1][1]
     by_row: dict[int, list[int]] = {}
     for chunk in home.catalog.iter_texts():
-        for (i, _), row in zip(chunk, memory.rows([t for _, t in chunk]).tolist()):
-            if row >= 0:
-                by_row.setdefault(row, []).append(i)
+        for row, positions in memory.group_texts([t for _, t in chunk]).items():
+            by_row.setdefault(row, []).extend(chunk[p][0] for p in positions)
     home.derived[("exemplar-texts", "text")] = (generation, (memory, by_row))
     return by_row
 
@@ -295,7 +292,7 @@ def rerank_hits(
     the query's search vector (an exemplar memory compares an image query's
     vector with the candidate texts' exemplars).
     """
-    from mmsearch.rerank import Reranker, TextStates, TokenStore
+    from mmsearch.rerank import Reranker, TokenStore
 
     encoder = home.encoder()
     reranker = Reranker.load(encoder)
@@ -315,7 +312,7 @@ def rerank_hits(
             # score is recomputed from its stored vector, and the re-ranker adds the memory to it
             dim = home.dim or 0
             vectors = home.catalog.vectors("image", [int(h.id) for h in hits], dim)
-            text = prepared.text if isinstance(prepared, TextStates) else str(prepared)
+            text = prepared.text  # a TextStates: only a CLIP-style model's re-ranker uses a memory
             for hit in hits:
                 if int(hit.id) in vectors and vector is not None:
                     hit.score = float(np.asarray(vector, np.float32) @ vectors[int(hit.id)])
