@@ -8,9 +8,12 @@ shared machine hits both alike:
 
 - *before*: the image tower in the usual (NCHW) layout, AdamW's per-tensor
   ``foreach`` loop, the augmentation's 3×3 max/mean filters by
-  ``F.max_pool2d`` / ``F.avg_pool2d``;
+  ``F.max_pool2d`` / ``F.avg_pool2d``, the text tower over every pair's copy
+  of its text;
 - *after* (what ``train`` runs): the ResNet channels-last, fused AdamW, the
-  filters as separable shifted sums (``train._max3`` / ``train._blur3``).
+  filters as separable shifted sums (``train._max3`` / ``train._blur3``), each
+  of the batch's distinct texts through the text tower once
+  (``train._text_features``).
 
     python bench/train_step.py --pairs /tmp/emoji/all.jsonl --threads 2
 
@@ -69,10 +72,12 @@ class Setup:
         finally:
             T._max3, T._blur3 = saved
         imgs = imgs.contiguous(memory_format=self.layout)
-        toks = tokens[text_t[idx]]
         t1 = time.perf_counter()
         img_f = F.normalize(model.encode_image(imgs), dim=-1)
-        txt_f = F.normalize(encode_text_tokens(model, toks), dim=-1)
+        if self.after:
+            txt_f = T._text_features(model, tokens, text_t[idx], "cpu")
+        else:
+            txt_f = F.normalize(encode_text_tokens(model, tokens[text_t[idx]]), dim=-1)
         loss = T._contrastive_loss(img_f, txt_f, model.logit_scale.exp().clamp(max=100), image_t[idx], text_t[idx])
         t2 = time.perf_counter()
         self.opt.zero_grad(set_to_none=True)

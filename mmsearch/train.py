@@ -312,17 +312,21 @@ def _load_checkpoint(folder: Path, model: Any, opt: torch.optim.Optimizer, expec
 # -- the two stages ----------------------------------------------------------------
 
 
+#: Pairs of one text that an epoch's order keeps side by side (see :func:`_epoch_order`).
+RUN = 2
+
+
 def _epoch_order(text_of: np.ndarray, gen: torch.Generator) -> torch.Tensor:
     """The order in which one epoch visits the training pairs (``text_of``: each pair's text).
 
-    Pairs come in runs of two that share a text (two drawings of one caption,
-    side by side in a batch, for the image-image term of the loss), runs
-    shuffled; a text with one image makes a run of one.
+    Pairs come in runs of :data:`RUN` (two) that share a text (drawings of one
+    caption side by side in a batch, for the image-image term of the loss),
+    runs shuffled; a text with fewer images makes a shorter run.
     """
     by_text: dict[int, list[int]] = {}
     for k in torch.randperm(len(text_of), generator=gen).tolist():
         by_text.setdefault(int(text_of[k]), []).append(k)
-    runs = [ks[s:s + 2] for ks in by_text.values() for s in range(0, len(ks), 2)]
+    runs = [ks[s:s + RUN] for ks in by_text.values() for s in range(0, len(ks), RUN)]
     return torch.tensor([k for r in torch.randperm(len(runs), generator=gen).tolist() for k in runs[r]],
                         dtype=torch.long)
 
@@ -355,6 +359,17 @@ def _contrastive_loss(
         t = others[rows].float()
         loss = loss + IMAGE_LOSS_WEIGHT * -(t / t.sum(1, keepdim=True) * F.log_softmax(ii, dim=1)).sum(1).mean()
     return loss
+
+
+def _text_features(model: Any, tokens: torch.Tensor, text_ids: torch.Tensor, device: str) -> torch.Tensor:
+    """Normalised features of the texts ``text_ids`` (rows of ``tokens``), one row per id, repeats included.
+
+    Each distinct text goes through the tower once (a batch's runs of two
+    pairs share one): the same features and gradients as a pass over every
+    copy, for about half the work.
+    """
+    distinct, copies = torch.unique(text_ids, return_inverse=True)
+    return F.normalize(encode_text_tokens(model, tokens[distinct].to(device)), dim=-1)[copies.to(device)]
 
 
 def _train_dual(
@@ -408,17 +423,16 @@ def _train_dual(
                 if restyle is not None:
                     imgs = _restyle(imgs, gen, *restyle)
                 imgs = imgs.to(opts.device).contiguous(memory_format=layout)
-                toks = tokens[text_t[idx]].to(opts.device)
                 caption_loss = None
                 if coca:  # one image pass for the contrastive vector and the decoder's tokens
                     pooled, image_tokens = image_token_states(model, imgs)
                     img_f = F.normalize(pooled, dim=-1)
-                    states, cut = coca_text_states(model, toks)
+                    states, cut = coca_text_states(model, tokens[text_t[idx]].to(opts.device))
                     real = (cut[:, 1:] != 0).sum().clamp(min=1)
                     caption_loss = -caption_log_likelihood(model, image_tokens, states, cut).sum() / real
                 else:
                     img_f = F.normalize(model.encode_image(imgs), dim=-1)
-                txt_f = F.normalize(encode_text_tokens(model, toks), dim=-1)
+                txt_f = _text_features(model, tokens, text_t[idx], opts.device)
                 scale = model.logit_scale.exp().clamp(max=100)
                 loss = _contrastive_loss(img_f, txt_f, scale, image_t[idx].to(img_f.device), text_t[idx].to(img_f.device))
                 if caption_loss is not None:

@@ -136,6 +136,30 @@ def _concept_loss(image_weight: float, smoothing: float):
     return loss
 
 
+def _mixstyle(share: float, alpha: float):
+    """A forward hook that mixes per-image channel means and deviations between random images (Zhou et al., 2021).
+
+    Only while training, on ``share`` of the batches: each image's feature map is
+    normalised by its own statistics and re-scaled with a Beta(alpha, alpha)
+    blend of its own and another random image's (statistics not differentiated).
+    """
+    beta = torch.distributions.Beta(alpha, alpha)
+
+    def hook(module, inputs, x):
+        if not module.training or torch.rand(()) >= share:
+            return x
+        n = x.shape[0]
+        mu = x.mean(dim=(2, 3), keepdim=True).detach()
+        sig = (x.var(dim=(2, 3), keepdim=True) + 1e-6).sqrt().detach()
+        lam = beta.sample((n, 1, 1, 1)).to(x)
+        perm = torch.randperm(n)
+        mix_mu = lam * mu + (1 - lam) * mu[perm]
+        mix_sig = lam * sig + (1 - lam) * sig[perm]
+        return (x - mu) / sig * mix_sig + mix_mu
+
+    return hook
+
+
 @torch.inference_mode()
 def _evaluate(model, tokenizer, preprocess, size: int, pairs_file: Path) -> dict:
     images, texts, links = group(read_pairs(pairs_file))
@@ -174,6 +198,13 @@ def main() -> None:
     parser.add_argument("--image-loss", type=float, default=None,
                         help="weight of the image-image term (shipped: mmsearch.train.IMAGE_LOSS_WEIGHT; 0 turns it off)")
     parser.add_argument("--smoothing", type=float, default=0.0, help="label smoothing (--loss concept)")
+    parser.add_argument("--run", type=int, default=None,
+                        help="pairs of one caption kept side by side in a batch (mmsearch.train.RUN)")
+    parser.add_argument("--mixstyle", type=float, default=0.0,
+                        help="MixStyle: the share of training batches whose ResNet features after the stages in "
+                             "--mixstyle-stages get their channel statistics mixed between random images (0: off)")
+    parser.add_argument("--mixstyle-stages", default="1,2", help="ResNet stages (1-4) that MixStyle follows")
+    parser.add_argument("--mixstyle-alpha", type=float, default=0.1, help="MixStyle's Beta(alpha, alpha) mixing weight")
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
@@ -192,6 +223,8 @@ def main() -> None:
         T._augment = lambda x, gen: x
     if args.order == "random":  # mmsearch.train's own order is concept pairs
         T._epoch_order = lambda text_of, gen: torch.randperm(len(text_of), generator=gen)
+    if args.run is not None:
+        T.RUN = args.run
     if args.loss == "concept":
         T._contrastive_loss = _concept_loss(args.image_loss if args.image_loss is not None else 0.0, args.smoothing)
     elif args.image_loss is not None:
@@ -200,6 +233,9 @@ def main() -> None:
     model, _, preprocess = open_clip.create_model_and_transforms(T.SMALL, vision_cfg=vision, text_cfg=text)
     tokenizer = open_clip.get_tokenizer(T.SMALL)
     size = vision["image_size"]
+    if args.mixstyle:
+        for stage in args.mixstyle_stages.split(","):
+            getattr(model.visual, f"layer{stage}").register_forward_hook(_mixstyle(args.mixstyle, args.mixstyle_alpha))
     if args.aug == "colour-safe":
         mean, std = list(model.visual.preprocess_cfg["mean"]), list(model.visual.preprocess_cfg["std"])
         T._augment = lambda x, gen: colour_safe_augment(x, gen, mean, std)

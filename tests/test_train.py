@@ -252,3 +252,30 @@ def test_default_batches_are_large_only_for_sets_that_fill_several_of_them() -> 
     assert default_batch(True, enough - 1) == BASE_BATCH  # a small set keeps several steps an epoch
     assert default_batch(False, 10 * enough) == BASE_BATCH  # fine-tuning a base
     assert default_lr(True, SMALL_BATCH) > default_lr(True, BASE_BATCH) > default_lr(False, SMALL_BATCH)
+
+
+def test_each_text_encoded_once_gives_the_features_and_gradients_of_every_copy() -> None:
+    import open_clip
+    import torch
+
+    from mmsearch.towers import encode_text_tokens
+    from mmsearch.train import _text_features
+    from conftest import TINY_CFG
+
+    torch.manual_seed(0)
+    model = open_clip.CLIP(**TINY_CFG)
+    tokens = open_clip.get_tokenizer("ViT-B-32")(["red square", "blue circle", "a green bar", "cross"])
+    ids = torch.tensor([0, 0, 2, 1, 2, 3, 1])
+    weights = torch.randn(len(ids), TINY_CFG["embed_dim"])
+
+    once = _text_features(model, tokens, ids, "cpu")
+    (once * weights).sum().backward()
+    grads_once = [p.grad.clone() for p in model.parameters() if p.grad is not None]
+    model.zero_grad()
+    every = torch.nn.functional.normalize(encode_text_tokens(model, tokens[ids]), dim=-1)
+    (every * weights).sum().backward()
+    grads_every = [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    assert torch.allclose(once, every, atol=1e-6)
+    assert len(grads_once) == len(grads_every) > 0
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(grads_once, grads_every))
