@@ -202,7 +202,8 @@ def main() -> None:
                         help="pairs of one caption kept side by side in a batch (mmsearch.train.RUN)")
     parser.add_argument("--mixstyle", type=float, default=0.0,
                         help="MixStyle: the share of training batches whose ResNet features after the stages in "
-                             "--mixstyle-stages get their channel statistics mixed between random images (0: off)")
+                             "--mixstyle-stages get their channel statistics mixed between random images (0: off; "
+                             "tried for issue 14 and not shipped: it lowered recall, docs/reranker-experiments.md)")
     parser.add_argument("--mixstyle-stages", default="1,2", help="ResNet stages (1-4) that MixStyle follows")
     parser.add_argument("--mixstyle-alpha", type=float, default=0.1, help="MixStyle's Beta(alpha, alpha) mixing weight")
     args = parser.parse_args()
