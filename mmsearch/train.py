@@ -312,21 +312,17 @@ def _load_checkpoint(folder: Path, model: Any, opt: torch.optim.Optimizer, expec
 # -- the two stages ----------------------------------------------------------------
 
 
-#: Pairs of one text that an epoch's order keeps side by side (see :func:`_epoch_order`).
-RUN = 2
-
-
-def _epoch_order(text_of: np.ndarray, gen: torch.Generator) -> torch.Tensor:
+def _epoch_order(text_of: np.ndarray, gen: torch.Generator, run: int = 2) -> torch.Tensor:
     """The order in which one epoch visits the training pairs (``text_of``: each pair's text).
 
-    Pairs come in runs of :data:`RUN` (two) that share a text (drawings of one
+    Pairs come in runs of ``run`` (two) that share a text (drawings of one
     caption side by side in a batch, for the image-image term of the loss),
     runs shuffled; a text with fewer images makes a shorter run.
     """
     by_text: dict[int, list[int]] = {}
     for k in torch.randperm(len(text_of), generator=gen).tolist():
         by_text.setdefault(int(text_of[k]), []).append(k)
-    runs = [ks[s:s + RUN] for ks in by_text.values() for s in range(0, len(ks), RUN)]
+    runs = [ks[s:s + run] for ks in by_text.values() for s in range(0, len(ks), run)]
     return torch.tensor([k for r in torch.randperm(len(runs), generator=gen).tolist() for k in runs[r]],
                         dtype=torch.long)
 

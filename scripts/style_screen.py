@@ -19,6 +19,7 @@ JSON object (options, seconds, recalls). A script, not a library call: it swaps
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import sys
@@ -199,7 +200,7 @@ def main() -> None:
                         help="weight of the image-image term (shipped: mmsearch.train.IMAGE_LOSS_WEIGHT; 0 turns it off)")
     parser.add_argument("--smoothing", type=float, default=0.0, help="label smoothing (--loss concept)")
     parser.add_argument("--run", type=int, default=None,
-                        help="pairs of one caption kept side by side in a batch (mmsearch.train.RUN)")
+                        help="pairs of one caption kept side by side in a batch (mmsearch.train's order: 2)")
     parser.add_argument("--mixstyle", type=float, default=0.0,
                         help="MixStyle: the share of training batches whose ResNet features after the stages in "
                              "--mixstyle-stages get their channel statistics mixed between random images (0: off; "
@@ -224,8 +225,8 @@ def main() -> None:
         T._augment = lambda x, gen: x
     if args.order == "random":  # mmsearch.train's own order is concept pairs
         T._epoch_order = lambda text_of, gen: torch.randperm(len(text_of), generator=gen)
-    if args.run is not None:
-        T.RUN = args.run
+    elif args.run is not None:
+        T._epoch_order = functools.partial(T._epoch_order, run=args.run)
     if args.loss == "concept":
         T._contrastive_loss = _concept_loss(args.image_loss if args.image_loss is not None else 0.0, args.smoothing)
     elif args.image_loss is not None:
