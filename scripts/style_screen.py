@@ -137,6 +137,74 @@ def _concept_loss(image_weight: float, smoothing: float):
     return loss
 
 
+def _smoothed(loss_fn, smoothing: float):
+    """``loss_fn`` (the shipped loss) with its image-text targets label-smoothed.
+
+    Cross-entropy against ``(1 - smoothing) * target + smoothing * uniform`` is
+    the plain term plus ``smoothing * (uniform term - plain term)``, which is
+    what is added here; the image-image term is left as it is.
+    """
+    def loss(img_f, txt_f, scale, image_ids, text_ids):
+        base = loss_fn(img_f, txt_f, scale, image_ids, text_ids)
+        logits = scale * img_f @ txt_f.T
+        uniform = 0.5 * (-F.log_softmax(logits, 1).mean(1).mean() - F.log_softmax(logits.T, 1).mean(1).mean())
+        right = ((text_ids[:, None] == text_ids[None, :]) | (image_ids[:, None] == image_ids[None, :])).float()
+        target = right / right.sum(1, keepdim=True)
+        pos = 0.5 * (-(target * F.log_softmax(logits, 1)).sum(1).mean() - (target * F.log_softmax(logits.T, 1)).sum(1).mean())
+        return base + smoothing * (uniform - pos)
+    return loss
+
+
+def _sibling_order(texts: list[str], group_size: int, share: float):
+    """An epoch order whose batches hold groups of captions that share words (hard negatives).
+
+    Captions are grouped greedily each epoch: a random unassigned caption and
+    the ``group_size - 1`` unassigned ones most like it (the idf-weighted
+    cosine of their words, random tie-breaks). ``share`` of the captions go
+    in such groups, the rest alone; groups are shuffled, and each caption's
+    pairs come in runs of two as in ``mmsearch.train._epoch_order``.
+    """
+    words = [set(t.lower().replace(":", " ").replace(",", " ").split()) for t in texts]
+    vocab = {w: i for i, w in enumerate(sorted(set().union(*words)))}
+    m = np.zeros((len(texts), len(vocab)), dtype=np.float32)
+    for i, ws in enumerate(words):
+        m[i, [vocab[w] for w in ws]] = 1
+    m *= np.log(len(texts) / m.sum(0))[None, :]  # idf: "with" and "and" say little, "facepalming" a lot
+    m /= np.linalg.norm(m, axis=1, keepdims=True) + 1e-9
+    similar = m @ m.T
+    np.fill_diagonal(similar, -1)
+
+    def order(text_of: np.ndarray, gen: torch.Generator, run: int = 2) -> torch.Tensor:
+        rng = np.random.default_rng(int(torch.randint(0, 2**31, (1,), generator=gen)))
+        present = np.unique(text_of)
+        free = np.zeros(len(texts), dtype=bool)
+        free[present] = True
+        groups = []
+        for i in rng.permutation(present):
+            if not free[i]:
+                continue
+            free[i] = False
+            members = [int(i)]
+            if rng.random() < share:
+                row = np.where(free, similar[i] + 1e-3 * rng.random(len(texts)), -np.inf)
+                take = np.argpartition(-row, group_size - 1)[:group_size - 1]
+                take = [int(t) for t in take if np.isfinite(row[t]) and row[t] > 0]
+                free[take] = False
+                members += take
+            groups.append(members)
+        by_text: dict[int, list[int]] = {}
+        for k in torch.randperm(len(text_of), generator=gen).tolist():
+            by_text.setdefault(int(text_of[k]), []).append(k)
+        out = []
+        rounds = max(math.ceil(len(ks) / run) for ks in by_text.values())
+        for r in range(rounds):  # each round: every group, shuffled, with each caption's r-th run
+            for g in rng.permutation(len(groups)):
+                for t in groups[g]:
+                    out += by_text[t][r * run:(r + 1) * run]
+        return torch.tensor(out, dtype=torch.long)
+    return order
+
+
 def _mixstyle(share: float, alpha: float):
     """A forward hook that mixes per-image channel means and deviations between random images (Zhou et al., 2021).
 
@@ -198,7 +266,13 @@ def main() -> None:
                         help="shipped: mmsearch.train's loss; concept: the screened variant with label smoothing")
     parser.add_argument("--image-loss", type=float, default=None,
                         help="weight of the image-image term (shipped: mmsearch.train.IMAGE_LOSS_WEIGHT; 0 turns it off)")
-    parser.add_argument("--smoothing", type=float, default=0.0, help="label smoothing (--loss concept)")
+    parser.add_argument("--smoothing", type=float, default=0.0, help="label smoothing of the image-text targets (either loss)")
+    parser.add_argument("--siblings", type=int, default=0,
+                        help="batches hold groups of this many captions that share words (0: mmsearch.train's order)")
+    parser.add_argument("--sibling-share", type=float, default=1.0, help="share of captions put in such groups")
+    parser.add_argument("--ema", type=float, default=0.0,
+                        help="evaluate an exponential moving average of the weights with this decay per step "
+                             "(0: off, the trained weights themselves)")
     parser.add_argument("--run", type=int, default=None,
                         help="pairs of one caption kept side by side in a batch (mmsearch.train's order: 2)")
     parser.add_argument("--mixstyle", type=float, default=0.0,
@@ -231,6 +305,8 @@ def main() -> None:
         T._contrastive_loss = _concept_loss(args.image_loss if args.image_loss is not None else 0.0, args.smoothing)
     elif args.image_loss is not None:
         T.IMAGE_LOSS_WEIGHT = args.image_loss
+    if args.loss == "shipped" and args.smoothing:
+        T._contrastive_loss = _smoothed(T._contrastive_loss, args.smoothing)
     torch.manual_seed(args.seed)
     model, _, preprocess = open_clip.create_model_and_transforms(T.SMALL, vision_cfg=vision, text_cfg=text)
     tokenizer = open_clip.get_tokenizer(T.SMALL)
@@ -245,6 +321,8 @@ def main() -> None:
     started = time.perf_counter()
     train_pairs, _ = T._split(read_pairs(args.train_pairs), 0.1, args.seed)
     images, texts, links = group(train_pairs)
+    if args.siblings:
+        T._epoch_order = _sibling_order(texts, args.siblings, args.sibling_share)
     pixels = T._load_pixels(images, preprocess, size)
     tokens = tokenizer(texts)
     image_of = np.array([i for i, _ in links], dtype=np.int64)
@@ -252,7 +330,20 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="mmsearch-screen-") as tmp:
         opts = T.TrainOptions(pairs=args.train_pairs, out=Path(tmp), epochs=args.epochs, batch_size=args.batch,
                               lr=args.lr, seed=args.seed, augment="style" if args.aug == "shipped" else "shift")
+        average = None
+        if args.ema:
+            from torch.optim.optimizer import register_optimizer_step_post_hook
+            from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+            # parameters only: averaging the causal mask's -inf entries gives NaN; the buffers are copied after
+            average = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(args.ema), use_buffers=False)
+            hook = register_optimizer_step_post_hook(
+                lambda opt, a, k: average.update_parameters(model))
         T._train_dual(model, pixels, tokens, image_of, text_of, opts, args.lr, False, lambda m: None)
+        if average is not None:
+            hook.remove()
+            for mine, theirs in zip(average.module.buffers(), model.buffers()):
+                mine.copy_(theirs)
+            model = average.module.eval()
     trained = time.perf_counter() - started
     result = _evaluate(model, tokenizer, preprocess, size, args.test_pairs)
     print(json.dumps({"options": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
