@@ -39,6 +39,7 @@ from _common import machine  # noqa: E402
 
 from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES  # noqa: E402
 
+from mmsearch.exemplars import ExemplarMemory  # noqa: E402
 from mmsearch.home import Home  # noqa: E402
 from mmsearch.indexer import index_paths  # noqa: E402
 from mmsearch.relevance import AUTO_CUTOFF, background, relevance  # noqa: E402
@@ -76,6 +77,15 @@ def measure(model: str, pairs_file: Path, seed: int, workdir: Path) -> dict:
         against = {i: bank @ v for i, v in vecs.items()}
         image_mean = {i: float(a.mean()) for i, a in against.items()}
         image_std = {i: max(float(a.std()), 1e-6) for i, a in against.items()}
+        # the exemplar memory of a trained model (what --rerank adds): each caption query's search vector
+        # q + w·e ranks by the dual score plus the picture's likeness to the caption's training drawings
+        memory = ExemplarMemory.load(Path(model)) if Path(model).is_dir() else None
+        expanded = queries.copy()
+        for q, (_, text) in enumerate(pairs):
+            vector = memory.expanded_query(text, queries[q]) if memory is not None else None
+            if vector is not None:
+                expanded[q] = vector
+        memory_scores, memory_ids = index.search(expanded, TOP)
     rows = []
     for q, (image, _) in enumerate(pairs):
         top_scores, top_ids = scores[q, :TOP], ids[q, :TOP]
@@ -86,6 +96,8 @@ def measure(model: str, pairs_file: Path, seed: int, workdir: Path) -> dict:
         both = z + image_z
         own = id_of.get(image)
         where = np.flatnonzero(top_ids == own) if own is not None else np.zeros(0, int)
+        memory_z = relevance(memory_scores[q], expanded[q], sample)
+        memory_where = np.flatnonzero(memory_ids[q] == own) if own is not None else np.zeros(0, int)
         rows.append({
             "present": q in present,
             "own_in_top": bool(len(where)),
@@ -95,24 +107,33 @@ def measure(model: str, pairs_file: Path, seed: int, workdir: Path) -> dict:
             "tail": float(tail_z[where[0]] if len(where) else tail_z.max()),
             "image_z": float(image_z[where[0]] if len(where) else image_z.max()),
             "both_z": float(both[where[0]] if len(where) else both.max()),
+            # its own top 10 (the memory re-ranks the collection): "own_in_top" for this key is memory_in_top
+            "memory_in_top": bool(len(memory_where)),
+            "memory": float(memory_z[memory_where[0]] if len(memory_where) else memory_z.max()),
         })
     return {"rows": rows, "index_seconds": indexed, "images": len(present), "queries": len(pairs)}
+
+
+def matched(rows: list[dict], key: str) -> np.ndarray:
+    """``key``'s values of the present queries whose own image is in the top 10 (the memory has its own)."""
+    top = "memory_in_top" if key == "memory" else "own_in_top"
+    return np.array([r[key] for r in rows if r["present"] and r[top]])
 
 
 def curve(rows: list[dict], key: str, thresholds: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(absent → nothing, matches kept) at each threshold."""
     absent = np.array([r[key] for r in rows if not r["present"]])
-    matched = np.array([r[key] for r in rows if r["present"] and r["own_in_top"]])
+    kept = matched(rows, key)
     return (
         np.array([(absent < t).mean() for t in thresholds]),
-        np.array([(matched >= t).mean() for t in thresholds]),
+        np.array([(kept >= t).mean() for t in thresholds]),
     )
 
 
 def at_kept(rows: list[dict], key: str, kept: float) -> tuple[float, float]:
     """The highest threshold that keeps at least ``kept`` of the matches, and absent → nothing there."""
-    matched = np.sort([r[key] for r in rows if r["present"] and r["own_in_top"]])
-    threshold = float(matched[int(np.floor((1 - kept) * len(matched)))])
+    values = np.sort(matched(rows, key))
+    threshold = float(values[int(np.floor((1 - kept) * len(values)))])
     absent = np.array([r[key] for r in rows if not r["present"]])
     return threshold, float((absent < threshold).mean())
 
@@ -167,7 +188,8 @@ def main() -> None:
     n_present = len(rows) - n_absent
     n_matched = sum(r["present"] and r["own_in_top"] for r in rows)
     print(f"{result['images']} images indexed ({result['index_seconds']:.0f} s), {result['queries']} queries: "
-          f"{n_absent} absent, {n_present} present, of which {n_matched} with their image in the top {TOP}")
+          f"{n_absent} absent, {n_present} present, of which {n_matched} with their image in the top {TOP} "
+          f"({sum(r['present'] and r['memory_in_top'] for r in rows)} with the exemplar memory's search vector)")
 
     thresholds = np.round(np.arange(0.0, 4.01, 0.1), 2)
     nothing, kept = curve(rows, "relevance", thresholds)
@@ -182,17 +204,17 @@ def main() -> None:
     print("|---|---:|---:|")
     for key, name in (("relevance", "relevance (z vs collection sample)"), ("tail", "z vs own neighbours 11-100"),
                       ("raw", "raw cosine score"), ("image_z", "z of the image vs a bank of 1,000 ImageNet prompts"),
-                      ("both_z", "query z + image z")):
+                      ("both_z", "query z + image z"),
+                      ("memory", "relevance of the exemplar memory's search vector (--rerank)")):
         threshold, share = at_kept(rows, key, 0.90)
         print(f"| {name} | {threshold:.3f} | {share:.1%} |")
     absent = np.array([r["relevance"] for r in rows if not r["present"]])
-    matched = np.array([r["relevance"] for r in rows if r["present"] and r["own_in_top"]])
-    auc = float((matched[:, None] > absent[None, :]).mean())
+    auc = float((matched(rows, "relevance")[:, None] > absent[None, :]).mean())
     print(f"\nP(a match's relevance > an absent query's best top-{TOP} relevance) = {auc:.3f} "
           "(0.5: the two cannot be told apart by any threshold)")
-    for key in ("tail", "raw", "image_z", "both_z"):
+    for key in ("tail", "raw", "image_z", "both_z", "memory"):
         a = np.array([r[key] for r in rows if not r["present"]])
-        m = np.array([r[key] for r in rows if r["present"] and r["own_in_top"]])
+        m = matched(rows, key)
         print(f"  the same for {key}: {float((m[:, None] > a[None, :]).mean()):.3f}")
     auto_nothing, auto_kept = curve(rows, "relevance", np.array([AUTO_CUTOFF]))
     print(f"\nauto ({AUTO_CUTOFF:g}): absent → nothing {auto_nothing[0]:.1%}, matches kept {auto_kept[0]:.1%} "
