@@ -14,7 +14,9 @@ show why that one was chosen: the raw cosine score, a z-score against the
 query's own neighbours at ranks 11-100 (the "tail"), and the image side: a
 z-score of the hit's score against that image's scores over a bank of texts
 that are not queries (open_clip's 1,000 ImageNet class prompts), alone and
-added to ``relevance``.
+added to ``relevance``; and, for a trained model with an exemplar memory,
+``relevance`` of the memory's search vector (what ``--rerank`` searches
+with for a training caption) over its own top 10.
 
     python bench/cutoff.py --model /tmp/emoji-model --pairs /tmp/emoji/facebook.jsonl
 
